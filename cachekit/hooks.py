@@ -1,0 +1,398 @@
+"""Hooks that serve transformer sub-modules from cache, on diffusers' own `HookRegistry`.
+
+Three pieces, in diffusers' hooks shape:
+
+- `CacheSession`: the state one enabled transformer shares between its hooks: the plan (a `Schedule`, or later a
+  runtime policy), the per-row caches, and the rows of the forward pass in progress.
+- `StepTrackerHook` on the transformer: before every forward it works out, per batch row, the denoising step and the
+  cache key, from explicit state (the streaming runner's rows, or the step index diffusers pipelines put in
+  `cache_context`) or else from the `timestep` argument matched against the scheduler's timesteps. It never counts
+  calls. It frees the caches when a generation ends, and when the forward raises.
+- `ComponentCacheHook` on each cacheable sub-module (ECAD semantics: reuse the raw output; the block's gates, shifts
+  and residual stream stay live) and `BlockResidualHook` on whole blocks (FORA / Delta-DiT semantics: reuse the
+  block's residual `output - input`). Rows that compute run alone when others reuse, and results are scattered
+  back among the cached ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Hashable
+from typing import Any, Protocol
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from torch import nn
+
+from .registry import ModelLayout, ModelSpec
+from .schedule import ScheduleError
+from .state import CacheStats, RowCache, StepRows, map_tensors, merge_rows, take_rows
+
+__all__ = [
+    "CachePlan",
+    "CacheSession",
+    "StepTrackerHook",
+    "ComponentCacheHook",
+    "BlockResidualHook",
+    "STEP_TRACKER_HOOK",
+    "CACHE_HOOK",
+]
+
+logger = logging.getLogger(__name__)
+
+STEP_TRACKER_HOOK = "cachekit.step_tracker"
+CACHE_HOOK = "cachekit.cache"
+
+
+class CachePlan(Protocol):
+    """What the hooks ask of a schedule or a runtime policy: compute this component for which rows?"""
+
+    num_steps: int
+
+    def recompute_rows(self, step_indices: torch.Tensor, block: int, component: int) -> torch.Tensor: ...
+
+
+class CacheSession:
+    """State shared by all cachekit hooks of one transformer."""
+
+    def __init__(self, plan: CachePlan, layout: ModelLayout, spec: ModelSpec, scheduler: Any | None = None) -> None:
+        self.plan = plan
+        self.layout = layout
+        self.spec = spec
+        self.scheduler = scheduler
+        self.caches: dict[tuple[int, int], RowCache] = {}
+        self.stats = CacheStats()
+        self.current: StepRows | None = None
+        self.explicit_rows: StepRows | None = None
+
+    def cache_for(self, block: int, component: int) -> RowCache:
+        key = (block, component)
+        if key not in self.caches:
+            self.caches[key] = RowCache()
+        return self.caches[key]
+
+    @property
+    def cached_entries(self) -> int:
+        """How many row entries are alive across all caches (0 after a generation ends)."""
+        return sum(len(cache) for cache in self.caches.values())
+
+    def drop(self, keys: tuple[Hashable, ...]) -> None:
+        for cache in self.caches.values():
+            cache.drop(keys)
+
+    def clear(self) -> None:
+        for cache in self.caches.values():
+            cache.clear()
+        self.current = None
+
+    # -------------------------------------------------------------- the forward pass lifecycle
+    def begin(self, rows: StepRows) -> None:
+        self.plan_steps_check(rows.num_steps)
+        starting = tuple(key for key, step in zip(rows.keys, rows.steps.tolist()) if step == 0)
+        if starting:
+            self.drop(starting)  # leftovers of an interrupted generation under the same key
+        self.current = rows
+
+    def end(self, rows: StepRows) -> None:
+        self.current = None
+        finished = tuple(key for key, step in zip(rows.keys, rows.steps.tolist()) if step >= rows.num_steps - 1)
+        if finished:
+            self.drop(finished)
+
+    def plan_steps_check(self, num_steps: int) -> None:
+        if num_steps != self.plan.num_steps:
+            check = getattr(self.plan, "check_steps", None)
+            if check is not None:
+                check(num_steps)
+            raise ScheduleError(f"plan has {self.plan.num_steps} steps but the pipeline runs {num_steps}")
+
+    # -------------------------------------------------------------- working out the rows
+    def resolve_rows(self, batch_size: int, timestep: Any, context: Any) -> StepRows:
+        """Per-row steps and keys for this forward, from explicit state first, never from call counts."""
+        if self.explicit_rows is not None:
+            if self.explicit_rows.batch_size != batch_size:
+                raise ValueError(
+                    f"cachekit.rows() set {self.explicit_rows.batch_size} rows but the transformer got a batch of "
+                    f"{batch_size}"
+                )
+            return self.explicit_rows
+        label = getattr(context, "name", None)
+        step_index = getattr(context, "step_index", None)
+        num_steps = getattr(context, "num_inference_steps", None)
+        if step_index is not None:
+            if num_steps is None:
+                num_steps = self._scheduler_timesteps().numel()
+            return StepRows.uniform(step_index, batch_size, int(num_steps), label)
+        steps, num_steps = self._steps_from_timestep(timestep, batch_size)
+        return StepRows(steps, tuple((label, i) for i in range(batch_size)), num_steps)
+
+    def _scheduler_timesteps(self) -> torch.Tensor:
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None:
+            raise RuntimeError(
+                "cachekit cannot tell the denoising step: enable it on the pipeline (not the bare transformer), pass "
+                "scheduler= to cachekit.enable, or set rows explicitly with cachekit.rows(...)"
+            )
+        return torch.as_tensor(timesteps).detach().float().cpu()
+
+    def _steps_from_timestep(self, timestep: Any, batch_size: int) -> tuple[torch.Tensor, int]:
+        timesteps = self._scheduler_timesteps()
+        if timestep is None:
+            raise RuntimeError(f"the transformer was called without its {self.spec.timestep_arg!r} argument")
+        values = torch.as_tensor(timestep).detach().float().cpu() * self.spec.timestep_scale
+        if values.ndim == 0:
+            values = values.expand(batch_size)
+        elif values.ndim > 1:  # per-token timesteps (Wan 2.2 TI2V): the row's step is its largest timestep
+            values = values.flatten(1).amax(1)
+        if values.shape[0] != batch_size:
+            values = values[:1].expand(batch_size)
+        distance = (values[:, None] - timesteps[None, :]).abs()
+        steps = distance.argmin(1)
+        distinct = timesteps.unique()
+        spacing = (distinct[1:] - distinct[:-1]).abs().min().item() if distinct.numel() > 1 else 1.0
+        worst = distance.gather(1, steps[:, None]).max().item()
+        if worst > 0.5 * spacing:
+            raise RuntimeError(
+                f"timestep {values.tolist()} is not one of the scheduler's timesteps; if the pipeline rescales "
+                f"timesteps, set timestep_scale in its cachekit registry entry"
+            )
+        if distinct.numel() < timesteps.numel():  # repeated timesteps (2nd-order solvers): ask the scheduler
+            step_index = getattr(self.scheduler, "step_index", None)
+            steps = torch.full_like(steps, int(step_index or 0))
+        return steps.long(), timesteps.numel()
+
+
+class _CacheContextProbe(StateManager):
+    """Receives the `CacheContext` diffusers pipelines set with `transformer.cache_context(name, step_index=...)`."""
+
+    def __init__(self) -> None:
+        super().__init__(BaseState)
+
+    @property
+    def current(self) -> Any:
+        return self._context
+
+
+class StepTrackerHook(ModelHook):
+    """Transformer-level hook: sets the rows of each forward and ends cache lifetimes."""
+
+    _is_stateful = True
+
+    def __init__(self, session: CacheSession) -> None:
+        super().__init__()
+        self.session = session
+        self.cache_context = _CacheContextProbe()
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def _timestep(self, args: tuple, kwargs: dict) -> Any:
+        name = self.session.spec.timestep_arg
+        if name in kwargs:
+            return kwargs[name]
+        bound = self._signature.bind_partial(None, *args, **kwargs)
+        return bound.arguments.get(name)
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        batch_size = _batch_size(args, kwargs)
+        rows = self.session.resolve_rows(batch_size, self._timestep(args, kwargs), self.cache_context.current)
+        try:
+            self.session.begin(rows)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self.session.clear()
+            raise
+        self.session.end(rows)
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        """Called by diffusers at the end of every pipeline `__call__`: the generation is over."""
+        self.session.clear()
+        return module
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor):
+        raise RuntimeError("cachekit expects the transformer's first argument to be the batched hidden_states")
+    return int(hidden.shape[0])
+
+
+class _RowCachingHook(ModelHook):
+    """Shared machinery: decide per row, compute some rows, serve the rest, scatter them back together."""
+
+    serve_needs_inputs = False
+
+    def __init__(self, session: CacheSession, block: int, component: int, name: str, unbatched: frozenset[str]):
+        super().__init__()
+        self.session = session
+        self.block = block
+        self.component = component
+        self.name = name
+        self.unbatched = unbatched
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    # what to store and how to serve it: overridden by the two modes
+    def _cache_value(self, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output
+
+    def _serve(self, args: tuple, kwargs: dict, cached: Any) -> Any:
+        return cached
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        rows = self.session.current
+        if rows is None:  # called outside a tracked transformer forward: behave like the stock module
+            return self.fn_ref.original_forward(*args, **kwargs)
+        session = self.session
+        cache = session.cache_for(self.block, self.component)
+        compute = session.plan.recompute_rows(rows.steps, self.block, self.component).bool()
+        reuse_keys = [key for key, c in zip(rows.keys, compute.tolist()) if not c]
+        if reuse_keys and not cache.has(reuse_keys):
+            session.stats.misses += len(reuse_keys)
+            compute = torch.ones_like(compute)  # nothing to reuse yet (e.g. a request joined mid-way): compute
+        n_compute = int(compute.sum())
+        session.stats.record(self.name, n_compute, rows.batch_size - n_compute)
+
+        if n_compute == rows.batch_size:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            cache.store(rows.keys, self._cache_value(args, kwargs, output))
+            return output
+        if n_compute == 0:
+            return self._serve(args, kwargs, cache.gather(rows.keys))
+
+        compute_rows = compute.nonzero().flatten()
+        reuse_rows = (~compute).nonzero().flatten()
+        c_args, c_kwargs = self._take_input_rows(args, kwargs, compute_rows, rows.batch_size)
+        computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
+        cache.store([rows.keys[i] for i in compute_rows.tolist()], self._cache_value(c_args, c_kwargs, computed))
+        cached = cache.gather([rows.keys[i] for i in reuse_rows.tolist()])
+        if self.serve_needs_inputs:
+            r_args, r_kwargs = self._take_input_rows(args, kwargs, reuse_rows, rows.batch_size)
+            served = self._serve(r_args, r_kwargs, cached)
+        else:
+            served = cached
+        return merge_rows([(compute_rows, computed), (reuse_rows, served)], rows.batch_size)
+
+    def _take_input_rows(self, args: tuple, kwargs: dict, index: torch.Tensor, batch_size: int) -> tuple[tuple, dict]:
+        """Slice every batched input to the given rows; broadcast inputs (rotary embeddings, size-1) pass whole."""
+        bound = self._signature.bind(None, *args, **kwargs)
+        bound.arguments.pop(next(iter(bound.arguments)))  # self
+
+        def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.ndim > 0 and tensor.shape[0] == batch_size:
+                return tensor.index_select(0, index.to(tensor.device))
+            return tensor
+
+        sliced: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if name in self.unbatched:
+                sliced[name] = value
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                sliced[name] = {k: (v if k in self.unbatched else map_tensors(rows_of, v)) for k, v in value.items()}
+            else:
+                sliced[name] = map_tensors(rows_of, value)
+        new_args: list[Any] = []
+        new_kwargs: dict[str, Any] = {}
+        for name, value in sliced.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                new_args.extend(value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                new_kwargs.update(value)
+            elif kind is inspect.Parameter.POSITIONAL_ONLY:
+                new_args.append(value)
+            else:
+                new_kwargs[name] = value
+        return tuple(new_args), new_kwargs
+
+
+class ComponentCacheHook(_RowCachingHook):
+    """Reuse a component's raw output from the last step where it was computed (ECAD)."""
+
+
+class BlockResidualHook(_RowCachingHook):
+    """Reuse a whole block's residual `output - input`, added to the live input (FORA, Delta-DiT)."""
+
+    serve_needs_inputs = True
+
+    def __init__(self, *args: Any, residual_outputs: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.residual_outputs = residual_outputs
+
+    def _inputs(self, args: tuple, kwargs: dict) -> list[Any]:
+        bound = self._signature.bind(None, *args, **kwargs)
+        return [bound.arguments.get(name) for name in self.residual_outputs]
+
+    def _as_tuple(self, output: Any) -> tuple:
+        return output if isinstance(output, tuple) else (output,)
+
+    def _cache_value(self, args: tuple, kwargs: dict, output: Any) -> Any:
+        outputs = self._as_tuple(output)
+        if len(outputs) != len(self.residual_outputs):
+            raise RuntimeError(
+                f"{self.name} returned {len(outputs)} outputs but its registry entry names {self.residual_outputs}"
+            )
+        return tuple(
+            None if out is None or inp is None else out - inp for out, inp in zip(outputs, self._inputs(args, kwargs))
+        )
+
+    def _serve(self, args: tuple, kwargs: dict, cached: Any) -> Any:
+        served = tuple(
+            None if res is None or inp is None else inp + res for res, inp in zip(cached, self._inputs(args, kwargs))
+        )
+        return served if len(served) > 1 else served[0]
+
+
+def attach_hooks(transformer: nn.Module, session: CacheSession, mode: str) -> list[nn.Module]:
+    """Register the tracker on the transformer and a cache hook per component (or block); return hooked modules."""
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(StepTrackerHook(session), STEP_TRACKER_HOOK)
+    hooked = [transformer]
+    layout = session.layout
+    for ref in layout.blocks:
+        if mode == "block":
+            hook = BlockResidualHook(
+                session,
+                ref.index,
+                0,
+                f"{ref.path}",
+                session.spec.unbatched_args,
+                residual_outputs=ref.group.residual_outputs,
+            )
+            HookRegistry.check_if_exists_or_initialize(ref.module).register_hook(hook, CACHE_HOOK)
+            hooked.append(ref.module)
+            continue
+        for c, name in enumerate(layout.components):
+            if not bool(layout.present[ref.index, c]):
+                continue
+            module = getattr(ref.module, name)
+            hook = ComponentCacheHook(session, ref.index, c, f"{ref.path}.{name}", session.spec.unbatched_args)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, CACHE_HOOK)
+            hooked.append(module)
+    registry.invalidate_child_registries_cache()
+    return hooked
+
+
+def detach_hooks(transformer: nn.Module) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.remove_hook(STEP_TRACKER_HOOK, recurse=False)
+    for module in transformer.modules():
+        child = getattr(module, "_diffusers_hook", None)
+        if child is not None:
+            child.remove_hook(CACHE_HOOK, recurse=False)
+    registry.invalidate_child_registries_cache()
+
+
+def session_of(transformer: nn.Module) -> CacheSession | None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(STEP_TRACKER_HOOK) if registry is not None else None
+    return hook.session if hook is not None else None

@@ -1,0 +1,1 @@
+"""Measures: FID/KID/CLIP/PSNR, prompt sets, latency, reports."""

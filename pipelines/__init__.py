@@ -1,0 +1,1 @@
+"""Runs pipelines with schedules: drop-in wrapper, streaming runner, server."""

@@ -1,0 +1,1 @@
+"""Learns cache schedules: DEAP genetic search, DP solver, calibration."""

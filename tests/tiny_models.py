@@ -1,0 +1,191 @@
+"""Tiny configs of the real diffusers transformer classes, and a plain denoising loop to drive them.
+
+The configs follow diffusers' own test suite sizes. `denoise` is what a pipeline's loop does, reduced to the parts
+caching cares about: the scheduler's timesteps, one transformer call per step (or one per CFG branch inside
+`cache_context`, as Wan and FLUX pipelines do), and `scheduler.step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    CogVideoXTransformer3DModel,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
+
+
+@dataclass
+class TinyModel:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    latents: Callable[[int, torch.Generator], torch.Tensor]
+    conditioning: Callable[[int, torch.Generator], dict]
+    scheduler: Callable[[], object]
+    timestep_scale: float = 1.0  # what the pipeline divides the scheduler timestep by
+
+    def output(self, out, latents: torch.Tensor) -> torch.Tensor:
+        sample = out[0]
+        return sample[:, : latents.shape[1]] if sample.shape[1] != latents.shape[1] and sample.ndim == 4 else sample
+
+
+def _dpm():
+    return DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+
+
+def _flow():
+    return FlowMatchEulerDiscreteScheduler()
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen)
+
+
+TINY_MODELS: dict[str, TinyModel] = {
+    "PixArtTransformer2DModel": TinyModel(
+        "PixArtTransformer2DModel",
+        lambda: PixArtTransformer2DModel(
+            sample_size=8, num_layers=3, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+            cross_attention_dim=16, caption_channels=16, patch_size=2, norm_type="ada_norm_single",
+            use_additional_conditions=False,
+        ),
+        lambda b, g: _randn(g, b, 4, 8, 8),
+        lambda b, g: {
+            "encoder_hidden_states": _randn(g, b, 5, 16),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        },
+        _dpm,
+    ),
+    "DiTTransformer2DModel": TinyModel(
+        "DiTTransformer2DModel",
+        lambda: DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+            patch_size=2, num_embeds_ada_norm=1000,
+        ),
+        lambda b, g: _randn(g, b, 4, 8, 8),
+        lambda b, g: {"class_labels": torch.randint(0, 1000, (b,), generator=g)},
+        _dpm,
+    ),
+    "SanaTransformer2DModel": TinyModel(
+        "SanaTransformer2DModel",
+        lambda: SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+            sample_size=8, patch_size=1,
+        ),
+        lambda b, g: _randn(g, b, 4, 8, 8),
+        lambda b, g: {"encoder_hidden_states": _randn(g, b, 5, 16)},
+        _flow,
+    ),
+    "FluxTransformer2DModel": TinyModel(
+        "FluxTransformer2DModel",
+        lambda: FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        ),
+        lambda b, g: _randn(g, b, 16, 4),
+        lambda b, g: {
+            "encoder_hidden_states": _randn(g, b, 6, 32),
+            "pooled_projections": _randn(g, b, 32),
+            "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 3),
+            "txt_ids": torch.zeros(6, 3),
+        },
+        _flow,
+        timestep_scale=1000.0,
+    ),
+    "SD3Transformer2DModel": TinyModel(
+        "SD3Transformer2DModel",
+        lambda: SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=16, out_channels=4,
+            dual_attention_layers=(0,),
+        ),
+        lambda b, g: _randn(g, b, 4, 8, 8),
+        lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "pooled_projections": _randn(g, b, 16)},
+        _flow,
+    ),
+    "WanTransformer3DModel": TinyModel(
+        "WanTransformer3DModel",
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        lambda b, g: _randn(g, b, 4, 2, 8, 8),
+        lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)},
+        _flow,
+    ),
+    "CogVideoXTransformer3DModel": TinyModel(
+        "CogVideoXTransformer3DModel",
+        lambda: CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+            text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=16,
+        ),
+        lambda b, g: _randn(g, b, 3, 4, 8, 8),
+        lambda b, g: {"encoder_hidden_states": _randn(g, b, 16, 16)},
+        _dpm,
+    ),
+}
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name].build().eval()
+    # Tiny random models start with zero-initialised output layers; perturb every parameter so that caching
+    # decisions change the output measurably.
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def denoise(
+    model: torch.nn.Module,
+    tiny: TinyModel,
+    num_steps: int = 6,
+    batch: int = 2,
+    seed: int = 0,
+    branches: tuple[str, ...] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    scheduler=None,
+) -> torch.Tensor:
+    """Run a full multi-step denoising loop and return the final latents.
+
+    With `branches`, the transformer is called once per branch label inside `cache_context(label)`, combining the
+    predictions as CFG does (`uncond + 2 * (cond - uncond)`); the branches get different conditioning.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    latents = tiny.latents(batch, gen)
+    conds = {label: tiny.conditioning(batch, gen) for label in (branches or ("single",))}
+    scheduler = scheduler or tiny.scheduler()
+    scheduler.set_timesteps(num_steps)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            timestep = (t / tiny.timestep_scale).expand(batch)
+            preds = {}
+            for label, cond in conds.items():
+                if branches:
+                    with model.cache_context(label):
+                        out = model(latents, timestep=timestep, return_dict=False, **cond)
+                else:
+                    out = model(latents, timestep=timestep, return_dict=False, **cond)
+                preds[label] = tiny.output(out, latents)
+            if branches:
+                pred = preds[branches[1]] + 2.0 * (preds[branches[0]] - preds[branches[1]])
+            else:
+                pred = preds["single"]
+            latents = scheduler.step(pred, t, latents).prev_sample
+            if on_step is not None:
+                on_step(i)
+    return latents
