@@ -8,7 +8,7 @@
 
 from .registry import BlockGroupSpec, ModelSpec, register_model, supported_models
 from .schedule import Schedule, ScheduleError
-from .wrapper import cached, disable, enable, reset, rows, sessions
+from .wrapper import branch, cached, disable, enable, reset, rows, sessions
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "cached",
     "reset",
     "rows",
+    "branch",
     "sessions",
     "register_model",
     "ModelSpec",

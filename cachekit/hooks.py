@@ -66,6 +66,7 @@ class CacheSession:
         self.stats = CacheStats()
         self.current: StepRows | None = None
         self.explicit_rows: StepRows | None = None
+        self.branch_label: Hashable = None
 
     def cache_for(self, block: int, component: int) -> RowCache:
         key = (block, component)
@@ -118,7 +119,7 @@ class CacheSession:
                     f"{batch_size}"
                 )
             return self.explicit_rows
-        label = getattr(context, "name", None)
+        label = getattr(context, "name", None) if context is not None else self.branch_label
         step_index = getattr(context, "step_index", None)
         num_steps = getattr(context, "num_inference_steps", None)
         if step_index is not None:

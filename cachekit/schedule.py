@@ -87,7 +87,7 @@ class Schedule:
         cls, layout: ModelLayout, mask: torch.Tensor, mode: str, scheduler: str | None, provenance: dict[str, Any]
     ) -> "Schedule":
         schedule = cls(
-            recompute=mask.clone().cpu(),
+            recompute=mask.cpu() | ~layout.present.unsqueeze(0),  # absent components: nothing to skip
             model_class=layout.model_class,
             components=layout.components,
             present=layout.present.clone(),
@@ -180,7 +180,7 @@ class Schedule:
             source = torch.zeros(1, dtype=torch.long)
         else:
             positions = torch.arange(num_steps, dtype=torch.float64) * (self.num_steps - 1) / (num_steps - 1)
-            source = positions.round().long()
+            source = (positions + 0.5).floor().long()  # nearest, ties to the later step
         mask = self.recompute[source].clone()
         mask[0] = True
         logger.info(

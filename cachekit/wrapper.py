@@ -19,7 +19,7 @@ from .registry import UnsupportedModelError, resolve_layout, spec_for
 from .schedule import Schedule
 from .state import StepRows
 
-__all__ = ["enable", "disable", "cached", "reset", "rows", "sessions", "denoisers"]
+__all__ = ["enable", "disable", "cached", "reset", "rows", "branch", "sessions", "denoisers"]
 
 
 def denoisers(pipe_or_transformer: Any) -> list[nn.Module]:
@@ -143,3 +143,22 @@ def rows(
         yield
     finally:
         session.explicit_rows = None
+
+
+@contextmanager
+def branch(pipe_or_transformer: Any, label: Hashable) -> Iterator[None]:
+    """Label the transformer calls inside as one CFG branch, so each branch keeps its own cache.
+
+    Pipelines that call the transformer once per branch already say so through diffusers' `cache_context(name)`,
+    which cachekit reads; this is the same for models without diffusers' `CacheMixin` (e.g. PixArt) and for custom
+    loops. A no-op where cachekit is not enabled, so a loop can be written once for both.
+    """
+    active = sessions(pipe_or_transformer)
+    previous = [session.branch_label for session in active]
+    for session in active:
+        session.branch_label = label
+    try:
+        yield
+    finally:
+        for session, old in zip(active, previous):
+            session.branch_label = old

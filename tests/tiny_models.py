@@ -8,6 +8,7 @@ caching cares about: the scheduler's timesteps, one transformer call per step (o
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from diffusers import (
     SD3Transformer2DModel,
     WanTransformer3DModel,
 )
+
+import cachekit
 
 
 @dataclass
@@ -159,6 +162,7 @@ def denoise(
     branches: tuple[str, ...] | None = None,
     on_step: Callable[[int], None] | None = None,
     scheduler=None,
+    on_call: Callable[[int, str], None] | None = None,
 ) -> torch.Tensor:
     """Run a full multi-step denoising loop and return the final latents.
 
@@ -175,8 +179,12 @@ def denoise(
             timestep = (t / tiny.timestep_scale).expand(batch)
             preds = {}
             for label, cond in conds.items():
+                if on_call is not None:
+                    on_call(i, label)
                 if branches:
-                    with model.cache_context(label):
+                    # diffusers' own per-branch label where the model has it (FLUX, Wan), cachekit's otherwise
+                    labelled = model.cache_context if hasattr(model, "cache_context") else partial(cachekit.branch, model)
+                    with labelled(label):
                         out = model(latents, timestep=timestep, return_dict=False, **cond)
                 else:
                     out = model(latents, timestep=timestep, return_dict=False, **cond)

@@ -1,0 +1,243 @@
+"""The caching hooks on tiny configs of every registered diffusers transformer class."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cachekit
+from cachekit.cost import MacProfile, count_macs
+from cachekit.registry import supported_models
+from tiny_models import TINY_MODELS, build, denoise
+
+NUM_STEPS = 6
+ALL_MODELS = sorted(TINY_MODELS)
+
+
+def test_every_registered_class_has_a_tiny_model():
+    assert sorted(supported_models()) == ALL_MODELS
+
+
+def _reuse_mask(schedule: cachekit.Schedule) -> torch.Tensor:
+    """FORA-like: recompute every 3rd step; and the last block's first component always computes."""
+    mask = torch.zeros_like(schedule.recompute)
+    mask[::3] = True
+    mask[:, -1, 0] = True
+    return mask
+
+
+def _run(model, tiny, plan=None, **kwargs):
+    if plan is None:
+        return denoise(model, tiny, NUM_STEPS, **kwargs)
+    scheduler = tiny.scheduler()
+    with cachekit.cached(model, plan, scheduler=scheduler):
+        return denoise(model, tiny, NUM_STEPS, scheduler=scheduler, **kwargs)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("mode", ["component", "block"])
+def test_full_schedule_is_exact_and_reuse_changes_output(name, mode):
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    reference = _run(model, tiny)
+    full = cachekit.Schedule.full(model, NUM_STEPS, mode=mode)
+    assert torch.equal(_run(model, tiny, full), reference)
+
+    reuse = cachekit.Schedule.from_mask(model, _reuse_mask(full), mode=mode)
+    cached_out = _run(model, tiny, reuse)
+    assert not torch.allclose(cached_out, reference)
+    assert torch.isfinite(cached_out).all()
+    # disable restores exactness: the model computes what a never-hooked model computes
+    assert torch.equal(_run(model, tiny), reference)
+    assert torch.equal(_run(build(name), tiny), reference)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("mode", ["component", "block"])
+def test_counted_macs_match_prediction(name, mode):
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    gen = torch.Generator().manual_seed(0)
+    latents = tiny.latents(2, gen)
+    profile = MacProfile.measure(
+        model, latents, timestep=torch.full((2,), 500.0) / tiny.timestep_scale, return_dict=False,
+        **tiny.conditioning(2, gen),
+    )
+    schedule = cachekit.Schedule.full(model, NUM_STEPS, mode=mode)
+    schedule = cachekit.Schedule.from_mask(model, _reuse_mask(schedule), mode=mode)
+    predicted = profile.predict(schedule)
+    assert 0.0 < predicted < 1.0
+
+    with count_macs() as uncached:
+        _run(model, tiny)
+    with count_macs() as cached_run:
+        _run(model, tiny, schedule)
+    measured = cached_run.macs / uncached.macs
+    assert uncached.macs == profile.total * NUM_STEPS
+    assert measured == pytest.approx(predicted, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "FluxTransformer2DModel", "WanTransformer3DModel"])
+def test_cfg_branches_never_share_caches(name):
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    schedule = cachekit.Schedule.from_mask(model, _reuse_mask(cachekit.Schedule.full(model, NUM_STEPS)))
+    from cachekit.registry import resolve_layout
+
+    # block 1's second component: its input already depends on the branch's conditioning
+    component = getattr(resolve_layout(model).blocks[1].module, schedule.components[1])
+    seen: list[tuple[str, torch.Tensor]] = []
+    current = {}
+
+    def record(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen.append((current["label"], out.detach().clone()))
+
+    handle = component.register_forward_hook(record)
+    try:
+        _run(model, tiny, schedule, branches=("cond", "uncond"), on_call=lambda step, label: current.update(label=label))
+    finally:
+        handle.remove()
+
+    assert len(seen) == 2 * NUM_STEPS
+    by_label = {"cond": [o for l, o in seen if l == "cond"], "uncond": [o for l, o in seen if l == "uncond"]}
+    for step in range(NUM_STEPS):
+        last_compute = step - step % 3
+        for label, other in (("cond", "uncond"), ("uncond", "cond")):
+            assert torch.equal(by_label[label][step], by_label[label][last_compute])
+            assert not torch.equal(by_label[label][step], by_label[other][last_compute])
+
+
+@pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "FluxTransformer2DModel"])
+def test_rows_at_different_steps_share_a_forward(name):
+    """Stream Batch: request A at a reuse step and request B at step 0 in one batch."""
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    gen = torch.Generator().manual_seed(3)
+    latents = tiny.latents(2, gen)
+    cond = tiny.conditioning(2, gen)
+    t = torch.tensor([900.0, 700.0]) / tiny.timestep_scale
+    mask = torch.ones(NUM_STEPS, *cachekit.Schedule.full(model, NUM_STEPS).recompute.shape[1:], dtype=torch.bool)
+    mask[1] = False
+    schedule = cachekit.Schedule.from_mask(model, mask)
+
+    def row(i, tree):
+        return {k: (v[i : i + 1] if isinstance(v, torch.Tensor) and v.shape[0] == 2 else v) for k, v in tree.items()}
+
+    with torch.no_grad():
+        expected_b = model(latents[1:], timestep=t[1:], return_dict=False, **row(1, cond))[0]
+        expected_a_step0 = model(latents[:1], timestep=t[:1], return_dict=False, **row(0, cond))[0]
+        cachekit.enable(model, schedule)
+        try:
+            with cachekit.rows(model, steps=[0], keys=["A"], num_steps=NUM_STEPS):
+                a0 = model(latents[:1], timestep=t[:1], return_dict=False, **row(0, cond))[0]
+            with cachekit.rows(model, steps=[1, 0], keys=["A", "B"], num_steps=NUM_STEPS):
+                both = model(latents, timestep=t, return_dict=False, **cond)[0]
+            stats = cachekit.sessions(model)[0].stats
+        finally:
+            cachekit.disable(model)
+    assert torch.equal(a0, expected_a_step0)
+    # B computed everything on its own row: identical to running B alone
+    assert torch.allclose(both[1:], expected_b, atol=1e-5)
+    # A reused every component from step 0 with the same inputs: identical to its step-0 output
+    assert torch.allclose(both[:1], expected_a_step0, atol=1e-5)
+    assert stats.reused > 0 and stats.misses == 0
+
+
+def test_interrupted_generation_leaves_no_cache_and_next_is_exact():
+    name = "PixArtTransformer2DModel"
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    schedule = cachekit.Schedule.from_mask(model, _reuse_mask(cachekit.Schedule.full(model, NUM_STEPS)))
+    expected = _run(build(name), tiny, schedule, seed=1)
+
+    scheduler = tiny.scheduler()
+    cachekit.enable(model, schedule, scheduler=scheduler)
+    session = cachekit.sessions(model)[0]
+    calls = {"n": 0}
+
+    def explode(module, args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("user pressed ctrl-c mid-loop")
+
+    block = model.transformer_blocks[1]
+    handle = block.register_forward_pre_hook(explode)
+    with pytest.raises(KeyboardInterrupt):
+        denoise(model, tiny, NUM_STEPS, seed=7, scheduler=scheduler)
+    handle.remove()
+    assert session.cached_entries == 0
+
+    # an exception outside the transformer (a step callback) is cleared by the next generation's first step
+    def fail(step):
+        if step == 2:
+            raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError):
+        denoise(model, tiny, NUM_STEPS, seed=7, scheduler=scheduler, on_step=fail)
+    assert session.cached_entries > 0
+    cachekit.reset(model)
+    assert session.cached_entries == 0
+    with pytest.raises(RuntimeError):
+        denoise(model, tiny, NUM_STEPS, seed=7, scheduler=scheduler, on_step=fail)
+    assert torch.equal(denoise(model, tiny, NUM_STEPS, seed=1, scheduler=scheduler), expected)
+    assert session.cached_entries == 0  # the last step frees every row's cache
+    cachekit.disable(model)
+
+
+def test_callback_exception_inside_context_manager_frees_caches():
+    name = "DiTTransformer2DModel"
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    schedule = cachekit.Schedule.from_mask(model, _reuse_mask(cachekit.Schedule.full(model, NUM_STEPS)))
+    scheduler = tiny.scheduler()
+    sessions = []
+
+    def fail(step):
+        sessions.extend(cachekit.sessions(model))
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        with cachekit.cached(model, schedule, scheduler=scheduler):
+            denoise(model, tiny, NUM_STEPS, scheduler=scheduler, on_step=fail)
+    assert sessions and sessions[0].cached_entries == 0
+    assert cachekit.sessions(model) == []
+
+
+def test_enable_twice_raises_and_disable_is_idempotent():
+    model = build("PixArtTransformer2DModel")
+    schedule = cachekit.Schedule.full(model, NUM_STEPS)
+    cachekit.enable(model, schedule)
+    with pytest.raises(RuntimeError, match="already enabled"):
+        cachekit.enable(model, schedule)
+    cachekit.disable(model)
+    cachekit.disable(model)
+    assert cachekit.sessions(model) == []
+
+
+def test_wrong_model_and_wrong_step_count_raise_clear_errors():
+    pixart = build("PixArtTransformer2DModel")
+    dit = build("DiTTransformer2DModel")
+    schedule = cachekit.Schedule.full(pixart, NUM_STEPS)
+    with pytest.raises(cachekit.ScheduleError, match="made for PixArtTransformer2DModel.*DiTTransformer2DModel"):
+        cachekit.enable(dit, schedule)
+    assert cachekit.sessions(dit) == []
+
+    tiny = TINY_MODELS["PixArtTransformer2DModel"]
+    scheduler = tiny.scheduler()
+    with cachekit.cached(pixart, schedule, scheduler=scheduler):
+        with pytest.raises(cachekit.ScheduleError, match="schedule has 6 steps but the pipeline runs 4"):
+            denoise(pixart, tiny, 4, scheduler=scheduler)
+
+
+def test_unsupported_model_lists_supported_and_how_to_add():
+    with pytest.raises(TypeError, match="Supported: .*PixArtTransformer2DModel.*register_model"):
+        cachekit.Schedule.full(torch.nn.Linear(2, 2), 4)
+
+
+def test_bare_transformer_without_scheduler_explains_how_to_give_the_step():
+    name = "PixArtTransformer2DModel"
+    model = build(name)
+    with cachekit.cached(model, cachekit.Schedule.full(model, NUM_STEPS)):
+        with pytest.raises(RuntimeError, match="cannot tell the denoising step"):
+            denoise(model, TINY_MODELS[name], NUM_STEPS)
