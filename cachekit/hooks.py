@@ -67,6 +67,14 @@ class CacheSession:
         self.current: StepRows | None = None
         self.explicit_rows: StepRows | None = None
         self.branch_label: Hashable = None
+        recompute = getattr(plan, "recompute", None)
+        self._table = recompute.tolist() if isinstance(recompute, torch.Tensor) else None
+
+    def decide(self, rows: StepRows, block: int, component: int) -> bool | torch.Tensor:
+        """True / False for the whole batch when that is known cheaply, else a per-row bool tensor."""
+        if rows.uniform_step is not None and self._table is not None:
+            return self._table[rows.uniform_step][block][component]
+        return self.plan.recompute_rows(rows.steps, block, component).bool()
 
     def cache_for(self, block: int, component: int) -> RowCache:
         key = (block, component)
@@ -254,12 +262,20 @@ class _RowCachingHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         session = self.session
         cache = session.cache_for(self.block, self.component)
-        compute = session.plan.recompute_rows(rows.steps, self.block, self.component).bool()
-        reuse_keys = [key for key, c in zip(rows.keys, compute.tolist()) if not c]
-        if reuse_keys and not cache.has(reuse_keys):
-            session.stats.misses += len(reuse_keys)
-            compute = torch.ones_like(compute)  # nothing to reuse yet (e.g. a request joined mid-way): compute
-        n_compute = int(compute.sum())
+        decision = session.decide(rows, self.block, self.component)
+        if isinstance(decision, bool):
+            compute = None
+            n_compute = rows.batch_size if decision else 0
+        else:
+            compute = decision
+            n_compute = int(compute.sum())
+            if n_compute in (0, rows.batch_size):
+                compute = None
+        if n_compute < rows.batch_size:
+            reuse_keys = rows.keys if compute is None else [k for k, c in zip(rows.keys, compute.tolist()) if not c]
+            if not cache.has(reuse_keys):  # nothing to reuse yet (e.g. a request joined mid-way): compute
+                session.stats.misses += len(reuse_keys)
+                compute, n_compute = None, rows.batch_size
         session.stats.record(self.name, n_compute, rows.batch_size - n_compute)
 
         if n_compute == rows.batch_size:

@@ -30,6 +30,9 @@ class StepRows:
             raise ValueError("StepRows needs one step and one key per batch row")
         if len(set(self.keys)) != len(self.keys):
             raise ValueError("cache keys must be unique within a batch")
+        steps = self.steps.tolist()
+        # the common case (a plain pipeline call): one step for the whole batch, decided once per component
+        object.__setattr__(self, "uniform_step", steps[0] if steps and min(steps) == max(steps) else None)
 
     @property
     def batch_size(self) -> int:
