@@ -1,0 +1,171 @@
+"""Writing an evaluation for machines (report.json) and for people (report.md, image grid, quality-vs-speedup plot).
+
+The JSON is the contract other tools read: per schedule `speedup`, `latency_s`, `macs_ratio`, `metrics` (name ->
+value), plus everything needed to trust the numbers (metric backends and weight hashes, reference set, seeds, counts).
+Non-finite values (PSNR of identical images is inf) are written as strings, because JSON has no inf.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["jsonable", "write_json", "render_markdown", "save_grid", "save_tradeoff_plot", "write_report"]
+
+_LOWER_IS_BETTER = {"fid", "kid", "kid_std", "lpips"}
+
+
+def jsonable(obj: Any) -> Any:
+    """Recursively convert tensors/paths/non-finite floats into JSON-safe values."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return jsonable(obj.item())
+    return obj
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write the machine-readable report (sorted keys are not used: schedule order is meaningful)."""
+    Path(path).write_text(json.dumps(jsonable(report), indent=2) + "\n", encoding="utf-8")
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human summary: the comparison table first, then how each number was made."""
+    scheds = report["schedules"]
+    metric_names: list[str] = []
+    for s in scheds.values():
+        for k in s.get("metrics", {}):
+            if k not in metric_names:
+                metric_names.append(k)
+    arrows = {m: (" ↓" if m in _LOWER_IS_BETTER else " ↑") for m in metric_names}
+    lines = [
+        f"# cachekit evaluation: {report.get('model')}",
+        "",
+        f"- prompts: {report['prompts'].get('name')} ({report['prompts'].get('num_images')} images, "
+        f"source `{report['prompts'].get('source')}`)",
+        f"- steps: {report.get('num_steps')}; seeds: {report['seeds']['rule']} (base {report['seeds']['base_seed']})",
+        f"- processes: {report.get('world_size')}; device: {report.get('device')}",
+        f"- latency: {report['latency_protocol']}",
+        "",
+        "| schedule | speedup | latency / image (s, median ± IQR) | MACs ratio | "
+        + " | ".join(m + arrows[m] for m in metric_names) + " |",
+        "|---|---|---|---|" + "---|" * len(metric_names),
+    ]
+    for name, s in scheds.items():
+        lat = s.get("latency") or {}
+        lat_txt = f"{_fmt(lat.get('per_image_s'))} ± {_fmt(lat.get('per_image_iqr_s'))}" if lat else "-"
+        row = [name, _fmt(s.get("speedup"), 3), lat_txt, _fmt(s.get("macs_ratio"), 3)]
+        row += [_fmt(s.get("metrics", {}).get(m)) for m in metric_names]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Speedup and MACs ratio are against the uncached model measured in the same run.", ""]
+    lines += ["## How the metrics were computed", ""]
+    for name, info in report.get("metrics_info", {}).items():
+        lines.append(f"- **{name}**: " + "; ".join(f"{k}: {_fmt(v)}" for k, v in info.items() if v is not None))
+    for extra in ("grid", "tradeoff_plot"):
+        if report.get(extra):
+            lines += ["", f"![{extra}]({report[extra]})"]
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(columns: dict[str, torch.Tensor], prompts: list[str], path: str | os.PathLike) -> None:
+    """PNG grid: one row per sample prompt, one column per schedule (uncached first), same seed along a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(columns)
+    rows = min(len(prompts), *(len(v) for v in columns.values()))
+    fig, axes = plt.subplots(rows, len(names), figsize=(1.9 * len(names), 1.9 * rows + 0.4), squeeze=False)
+    for c, name in enumerate(names):
+        for r in range(rows):
+            ax = axes[r][c]
+            ax.imshow(columns[name][r].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                text = prompts[r] if len(prompts[r]) <= 28 else prompts[r][:27] + "…"
+                ax.set_ylabel(text, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_tradeoff_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """One panel per metric: metric value against measured speedup, one labelled point per schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scheds = report["schedules"]
+    metric_names = sorted({m for s in scheds.values() for m in s.get("metrics", {}) if m != "kid_std"})
+    if not metric_names:
+        return
+    fig, axes = plt.subplots(1, len(metric_names), figsize=(3.6 * len(metric_names), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metric_names):
+        for name, s in scheds.items():
+            v, x = s.get("metrics", {}).get(m), s.get("speedup")
+            if isinstance(v, (int, float)) and math.isfinite(v) and x is not None:
+                ax.scatter([x], [v], s=24)
+                ax.annotate(name, (x, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("speedup vs uncached (×)")
+        ax.set_ylabel(m + (" (lower is better)" if m in _LOWER_IS_BETTER else " (higher is better)"))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"quality vs speedup — {report.get('model')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    report: dict[str, Any],
+    out_dir: str | os.PathLike,
+    grid_columns: dict[str, torch.Tensor] | None = None,
+    grid_prompts: list[str] | None = None,
+) -> dict[str, Path]:
+    """Write report.json, report.md, grid.png (if samples given) and tradeoff.png (if more than one schedule)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    if grid_columns:
+        paths["grid"] = out / "grid.png"
+        save_grid(grid_columns, grid_prompts or [], paths["grid"])
+        report["grid"] = "grid.png"
+    cached = [k for k in report["schedules"] if k != "uncached"]
+    if len(cached) > 1:
+        paths["tradeoff_plot"] = out / "tradeoff.png"
+        save_tradeoff_plot(report, paths["tradeoff_plot"])
+        report["tradeoff_plot"] = "tradeoff.png"
+    paths["json"] = out / "report.json"
+    write_json(report, paths["json"])
+    paths["markdown"] = out / "report.md"
+    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
+    return paths
