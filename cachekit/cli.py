@@ -63,6 +63,27 @@ def _cmd_schedule_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schedule_make(args: argparse.Namespace) -> int:
+    from cachekit.cost import MacProfile
+    from cachekit.policies import static_schedule
+    from cachekit.zoo import load_pipeline
+
+    options = {
+        "fora": {"interval": args.interval, "mode": args.mode},
+        "delta-dit": {"boundary_step": args.boundary_step, "num_cached_blocks": args.num_cached_blocks,
+                      "interval": args.interval},
+        "tgate": {"gate_step": args.gate_step},
+    }[args.policy]
+    pipe = load_pipeline(args.model, device=args.device)
+    schedule = static_schedule(args.policy, pipe.transformer, args.steps, **options)
+    schedule.scheduler = type(pipe.scheduler).__name__
+    profile = MacProfile.for_pipeline(pipe, prompt=args.prompt)
+    profile.annotate(schedule)
+    schedule.save(args.out)
+    print(f"wrote {args.out}: {args.policy} {options}, predicted MAC ratio {schedule.predicted_cost['mac_ratio']:.3f}")
+    return 0
+
+
 def _cmd_schedule_resample(args: argparse.Namespace) -> int:
     from cachekit.schedule import Schedule
 
@@ -101,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the predicted cost and a step-by-block map.")
     show.add_argument("file", help="schedule JSON file")
     show.set_defaults(handler=_cmd_schedule_show)
+    make = schedule_sub.add_parser("make", help="write a static policy's schedule (FORA, Delta-DiT, TGATE)",
+                                   description="Build a FORA, Delta-DiT or TGATE schedule for a model and step "
+                                   "count, with its predicted MAC ratio measured on the model.")
+    make.add_argument("policy", choices=["fora", "delta-dit", "tgate"])
+    _add_model_args(make)
+    make.add_argument("--steps", type=int, default=20, help="denoising steps the schedule is for")
+    make.add_argument("--interval", type=int, default=3, help="fora, delta-dit: recompute every N steps")
+    make.add_argument("--mode", choices=["block", "component"], default="block",
+                      help="fora: reuse whole-block residuals or each component's output")
+    make.add_argument("--boundary-step", type=int, default=10, help="delta-dit: back blocks cached before it, "
+                      "front blocks from it on")
+    make.add_argument("--num-cached-blocks", type=int, default=8, help="delta-dit: blocks cached per stage")
+    make.add_argument("--gate-step", type=int, default=10, help="tgate: cross-attention cached from this step")
+    make.add_argument("--prompt", default="a handwritten 7", help="prompt used to measure MACs at real shapes")
+    make.add_argument("--out", required=True, help="schedule JSON to write")
+    make.set_defaults(handler=_cmd_schedule_make)
     resample = schedule_sub.add_parser("resample", help="transfer a schedule to another step count",
                                        description="Map a schedule to a new step count by nearest step; logs "
                                        "the mapping.")

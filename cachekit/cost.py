@@ -82,6 +82,12 @@ class MacProfile:
                     per_component[ref.index, c] = counter.by_module.get(f"{root}.{ref.path}.{name}", 0)
         return cls(layout.model_class, layout.components, counter.macs, per_component, per_block)
 
+    @classmethod
+    def for_pipeline(cls, pipe: Any, **call_kwargs: Any) -> "MacProfile":
+        """Profile the pipeline's transformer at the shapes the given call settings produce."""
+        args, kwargs = capture_transformer_inputs(pipe, **call_kwargs)
+        return cls.measure(pipe.transformer, *args, **kwargs)
+
     def step_savings(self, schedule: Schedule) -> torch.Tensor:
         """MACs skipped at each step (per transformer call) under the schedule."""
         if schedule.model_class != self.model_class:

@@ -43,11 +43,13 @@ class BlockGroupSpec:
             block's own gates, shifts and residual additions run live around them.
         residual_outputs: for whole-block residual mode, the name of the block's forward argument that each element
             of the block's output updates (e.g. FLUX blocks return `(encoder_hidden_states, hidden_states)`).
+        cross_attention: the components that attend to the text only (TGATE caches these after its gate step).
     """
 
     attr: str
     components: tuple[str, ...]
     residual_outputs: tuple[str, ...] = ("hidden_states",)
+    cross_attention: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,18 @@ _SINGLE_STREAM = ("hidden_states",)
 _JOINT_STREAM = ("encoder_hidden_states", "hidden_states")
 
 for _spec in (
-    ModelSpec("PixArtTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff")),)),
-    ModelSpec("DiTTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff")),)),
-    ModelSpec("SanaTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff")),)),
+    ModelSpec(
+        "PixArtTransformer2DModel",
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",)),),
+    ),
+    ModelSpec(
+        "DiTTransformer2DModel",
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",)),),
+    ),
+    ModelSpec(
+        "SanaTransformer2DModel",
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",)),),
+    ),
     ModelSpec(
         "FluxTransformer2DModel",
         (
@@ -180,7 +191,9 @@ for _spec in (
         "SD3Transformer2DModel",
         (BlockGroupSpec("transformer_blocks", ("attn", "attn2", "ff", "ff_context"), _JOINT_STREAM),),
     ),
-    ModelSpec("WanTransformer3DModel", (BlockGroupSpec("blocks", ("attn1", "attn2", "ffn")),)),
+    ModelSpec(
+        "WanTransformer3DModel", (BlockGroupSpec("blocks", ("attn1", "attn2", "ffn"), cross_attention=("attn2",)),)
+    ),
     ModelSpec(
         "CogVideoXTransformer3DModel",
         (BlockGroupSpec("transformer_blocks", ("attn1", "ff"), ("hidden_states", "encoder_hidden_states")),),

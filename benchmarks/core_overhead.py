@@ -1,0 +1,98 @@
+"""Hook overhead and FORA-like speedup of the core, on the embedded digits model (or any local pipeline).
+
+Prints ratios measured in one run, never asserts them:
+- hook overhead: the all-recompute schedule against the stock (never hooked) pipeline; goal <= 1%;
+- the wall-clock speedup of "recompute every 3rd step" schedules (component and block mode) against their MAC
+  reduction; goal >= 0.9 of it.
+
+    python benchmarks/core_overhead.py --num-images 40 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import cachekit
+from cachekit.eval.latency import count_call_macs, time_call
+from cachekit.zoo import load_pipeline
+from cachekit.zoo.digits_data import digit_prompts
+
+
+def every_nth_step(transformer, num_steps: int, n: int, mode: str) -> cachekit.Schedule:
+    full = cachekit.Schedule.full(transformer, num_steps, mode=mode)
+    mask = torch.zeros_like(full.recompute)
+    mask[::n] = True
+    return cachekit.Schedule.from_mask(transformer, mask, mode=mode, provenance={"method": "hand", "every": n})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--num-images", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(torch.get_num_threads())
+    pipe = load_pipeline(args.model)
+    prompts = [p for p, _ in digit_prompts(args.num_images, seed=0)]
+    transformer = pipe.transformer
+    configs = {
+        "stock": None,
+        "all-recompute": cachekit.Schedule.full(transformer, args.steps),
+        "every-3rd (component)": every_nth_step(transformer, args.steps, 3, "component"),
+        "every-3rd (block)": every_nth_step(transformer, args.steps, 3, "block"),
+    }
+
+    def call():
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return pipe(prompt=prompts, num_inference_steps=args.steps, generator=generators, output_type="np").images
+
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    macs: dict[str, int] = {}
+    for name, schedule in configs.items():  # warm-up and MAC count, one call each
+        if schedule is not None:
+            cachekit.enable(pipe, schedule)
+        call()
+        macs[name] = count_call_macs(call)
+        cachekit.disable(pipe)
+    for _ in range(args.repeats):  # round-robin so drift hits every configuration alike
+        for name, schedule in configs.items():
+            if schedule is not None:
+                cachekit.enable(pipe, schedule)
+            times[name].append(time_call(call))
+            cachekit.disable(pipe)
+
+    stock = statistics.median(times["stock"])
+    results = {"model": args.model, "num_images": args.num_images, "steps": args.steps, "repeats": args.repeats,
+               "threads": torch.get_num_threads(), "rows": {}}
+    print(f"{args.num_images} images x {args.steps} steps, median of {args.repeats} (torch threads: "
+          f"{torch.get_num_threads()})")
+    print(f"{'configuration':<24} {'median s':>9} {'IQR s':>7} {'MAC ratio':>9} {'wall speedup':>12} "
+          f"{'MAC speedup':>11} {'wall/MAC':>8}")
+    for name in configs:
+        median = statistics.median(times[name])
+        q = statistics.quantiles(times[name], n=4, method="inclusive") if len(times[name]) > 1 else [median] * 3
+        mac_ratio = macs[name] / macs["stock"]
+        wall_speedup = stock / median
+        mac_speedup = 1.0 / mac_ratio
+        row = {"median_s": median, "iqr_s": q[2] - q[0], "mac_ratio": mac_ratio, "wall_speedup": wall_speedup,
+               "mac_speedup": mac_speedup, "wall_over_mac": wall_speedup / mac_speedup}
+        results["rows"][name] = row
+        print(f"{name:<24} {median:>9.3f} {row['iqr_s']:>7.3f} {mac_ratio:>9.3f} {wall_speedup:>11.2f}x "
+              f"{mac_speedup:>10.2f}x {row['wall_over_mac']:>8.2f}")
+    overhead = statistics.median(times["all-recompute"]) / stock - 1.0
+    results["hook_overhead"] = overhead
+    print(f"hook overhead of the all-recompute schedule: {overhead:+.2%} (goal <= +1%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
