@@ -32,26 +32,45 @@ from .state import CacheStats, RowCache, StepRows, map_tensors, merge_rows, take
 
 __all__ = [
     "CachePlan",
+    "RuntimePlan",
     "CacheSession",
     "StepTrackerHook",
     "ComponentCacheHook",
     "BlockResidualHook",
     "STEP_TRACKER_HOOK",
     "CACHE_HOOK",
+    "PROBE_HOOK",
 ]
 
 logger = logging.getLogger(__name__)
 
 STEP_TRACKER_HOOK = "cachekit.step_tracker"
 CACHE_HOOK = "cachekit.cache"
+PROBE_HOOK = "cachekit.probe"  # runtime policies' read-only observers
 
 
 class CachePlan(Protocol):
-    """What the hooks ask of a schedule or a runtime policy: compute this component for which rows?"""
+    """What the hooks ask of a schedule or a runtime policy: compute this component for which rows?
 
-    num_steps: int
+    `Schedule` is the static plan. Runtime policies (TeaCache, MagCache, first-block cache) also implement the
+    optional `RuntimePlan` methods to watch what the model computes and keep per-request state.
+    """
 
-    def recompute_rows(self, step_indices: torch.Tensor, block: int, component: int) -> torch.Tensor: ...
+    mode: str  # "component" or "block"
+    num_steps: int | None  # None: the plan works at any step count
+
+    def decide(self, rows: StepRows, block: int, component: int) -> bool | torch.Tensor: ...
+
+
+class RuntimePlan(CachePlan, Protocol):
+    def attach(self, transformer: nn.Module, session: "CacheSession") -> None: ...
+
+    def detach(self, transformer: nn.Module) -> None: ...
+
+    def observe(self, rows: StepRows, block: int, component: int, row_index: torch.Tensor | None, value: Any) -> None:
+        """Called after `component` of `block` computed: `value` is what was cached, for `row_index` rows (None: all)."""
+
+    def drop(self, keys: tuple[Hashable, ...]) -> None: ...
 
 
 class CacheSession:
@@ -69,12 +88,17 @@ class CacheSession:
         self.branch_label: Hashable = None
         recompute = getattr(plan, "recompute", None)
         self._table = recompute.tolist() if isinstance(recompute, torch.Tensor) else None
+        self._observe = getattr(plan, "observe", None)
 
     def decide(self, rows: StepRows, block: int, component: int) -> bool | torch.Tensor:
         """True / False for the whole batch when that is known cheaply, else a per-row bool tensor."""
         if rows.uniform_step is not None and self._table is not None:
             return self._table[rows.uniform_step][block][component]
-        return self.plan.recompute_rows(rows.steps, block, component).bool()
+        return self.plan.decide(rows, block, component)
+
+    def observe(self, block: int, component: int, row_index: torch.Tensor | None, value: Any) -> None:
+        if self._observe is not None:
+            self._observe(self.current, block, component, row_index, value)
 
     def cache_for(self, block: int, component: int) -> RowCache:
         key = (block, component)
@@ -90,10 +114,16 @@ class CacheSession:
     def drop(self, keys: tuple[Hashable, ...]) -> None:
         for cache in self.caches.values():
             cache.drop(keys)
+        plan_drop = getattr(self.plan, "drop", None)
+        if plan_drop is not None:
+            plan_drop(keys)
 
     def clear(self) -> None:
         for cache in self.caches.values():
             cache.clear()
+        plan_clear = getattr(self.plan, "clear", None)
+        if plan_clear is not None:
+            plan_clear()
         self.current = None
 
     # -------------------------------------------------------------- the forward pass lifecycle
@@ -111,7 +141,7 @@ class CacheSession:
             self.drop(finished)
 
     def plan_steps_check(self, num_steps: int) -> None:
-        if num_steps != self.plan.num_steps:
+        if self.plan.num_steps is not None and num_steps != self.plan.num_steps:
             check = getattr(self.plan, "check_steps", None)
             if check is not None:
                 check(num_steps)
@@ -280,7 +310,9 @@ class _RowCachingHook(ModelHook):
 
         if n_compute == rows.batch_size:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            cache.store(rows.keys, self._cache_value(args, kwargs, output))
+            value = self._cache_value(args, kwargs, output)
+            cache.store(rows.keys, value)
+            session.observe(self.block, self.component, None, value)
             return output
         if n_compute == 0:
             return self._serve(args, kwargs, cache.gather(rows.keys))
@@ -289,7 +321,9 @@ class _RowCachingHook(ModelHook):
         reuse_rows = (~compute).nonzero().flatten()
         c_args, c_kwargs = self._take_input_rows(args, kwargs, compute_rows, rows.batch_size)
         computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
-        cache.store([rows.keys[i] for i in compute_rows.tolist()], self._cache_value(c_args, c_kwargs, computed))
+        value = self._cache_value(c_args, c_kwargs, computed)
+        cache.store([rows.keys[i] for i in compute_rows.tolist()], value)
+        session.observe(self.block, self.component, compute_rows, value)
         cached = cache.gather([rows.keys[i] for i in reuse_rows.tolist()])
         if self.serve_needs_inputs:
             r_args, r_kwargs = self._take_input_rows(args, kwargs, reuse_rows, rows.batch_size)
@@ -406,6 +440,7 @@ def detach_hooks(transformer: nn.Module) -> None:
         child = getattr(module, "_diffusers_hook", None)
         if child is not None:
             child.remove_hook(CACHE_HOOK, recurse=False)
+            child.remove_hook(PROBE_HOOK, recurse=False)
     registry.invalidate_child_registries_cache()
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .registry import BLOCK_COMPONENT, ModelLayout, resolve_layout
+from .state import StepRows
 
 __all__ = ["Schedule", "ScheduleError", "SCHEDULE_FORMAT", "SCHEDULE_VERSION"]
 
@@ -112,9 +113,9 @@ class Schedule:
         """The mask as it acts: absent components count as computed (there is nothing to skip)."""
         return self.recompute | ~self.present.unsqueeze(0)
 
-    def recompute_rows(self, step_indices: torch.Tensor, block: int, component: int) -> torch.Tensor:
-        """Per batch row, whether `component` of `block` computes at that row's step."""
-        return self.recompute[step_indices.cpu(), block, component]
+    def decide(self, rows: StepRows, block: int, component: int) -> torch.Tensor:
+        """Per batch row, whether `component` of `block` computes at that row's step (the `CachePlan` protocol)."""
+        return self.recompute[rows.steps, block, component]
 
     # ------------------------------------------------------------------ validation
     def _check_consistency(self) -> None:

@@ -50,7 +50,7 @@ def denoisers(pipe_or_transformer: Any) -> list[nn.Module]:
 def _as_plan(schedule_or_policy: Schedule | CachePlan | str | os.PathLike) -> CachePlan:
     if isinstance(schedule_or_policy, (str, os.PathLike)):
         return Schedule.load(schedule_or_policy)
-    if not hasattr(schedule_or_policy, "recompute_rows"):
+    if not hasattr(schedule_or_policy, "decide"):
         raise TypeError(
             f"expected a cachekit.Schedule, a schedule file path or a policy, got {type(schedule_or_policy).__name__}"
         )
@@ -92,6 +92,9 @@ def enable(
         layout = resolve_layout(transformer, mode)
         session = CacheSession(plan, layout, spec_for(transformer), scheduler)
         attach_hooks(transformer, session, mode)
+        attach = getattr(plan, "attach", None)
+        if attach is not None:
+            attach(transformer, session)
     return pipe_or_transformer
 
 
@@ -102,6 +105,9 @@ def disable(pipe_or_transformer: Any) -> None:
         if session is None:
             continue
         session.clear()
+        detach = getattr(session.plan, "detach", None)
+        if detach is not None:
+            detach(transformer)
         detach_hooks(transformer)
 
 

@@ -3,6 +3,14 @@
 - `fora`: recompute every N steps (FORA).
 - `delta_dit`: cache the back blocks early and the front blocks late, around a boundary step (Delta-DiT).
 - `tgate`: cache cross-attention after a gate step (TGATE).
+
+Runtime policies decide per request while generating (block mode, per-row state):
+
+- `teacache`: accumulated, polynomially rescaled change of the first block's modulated input (TeaCache).
+- `magcache`: calibrated residual magnitude ratios, max skips, retention ratio (MagCache).
+- `first_block`: change of the first block's residual against the last full step (first-block cache).
+
+`calibration` fits the runtime policies per model; `spec` parses plan names such as `fora:interval=3`.
 """
 
 from .delta_dit import DeltaDiTConfig, apply_delta_dit, delta_dit_schedule
@@ -39,4 +47,28 @@ __all__ = [
     "apply_tgate",
     "STATIC_POLICIES",
     "static_schedule",
+]
+
+
+from .first_block import FirstBlockCacheConfig, FirstBlockCachePolicy, apply_first_block_cache  # noqa: E402
+from .magcache import MagCacheConfig, MagCachePolicy, apply_magcache  # noqa: E402
+from .teacache import TeaCacheConfig, TeaCachePolicy, apply_teacache  # noqa: E402
+from .calibration import PolicyCalibration, calibrate_pipeline  # noqa: E402
+from .spec import RUNTIME_POLICIES, resolve_plan, runtime_policy  # noqa: E402
+
+__all__ += [
+    "FirstBlockCacheConfig",
+    "FirstBlockCachePolicy",
+    "apply_first_block_cache",
+    "MagCacheConfig",
+    "MagCachePolicy",
+    "apply_magcache",
+    "TeaCacheConfig",
+    "TeaCachePolicy",
+    "apply_teacache",
+    "PolicyCalibration",
+    "calibrate_pipeline",
+    "RUNTIME_POLICIES",
+    "resolve_plan",
+    "runtime_policy",
 ]
