@@ -89,6 +89,35 @@ class CacheSession:
         recompute = getattr(plan, "recompute", None)
         self._table = recompute.tolist() if isinstance(recompute, torch.Tensor) else None
         self._observe = getattr(plan, "observe", None)
+        forecast = getattr(plan, "forecast", None)
+        self.forecast_order = int(getattr(plan, "forecast_order", 0)) if forecast is not None else 0
+        self._forecast = forecast.tolist() if forecast is not None else None
+        self._forecast_mask = forecast
+
+    def forecast_rows(self, rows: StepRows, row_index: torch.Tensor | None, block: int, component: int) -> Any:
+        """For the reusing rows (`row_index`; None: all), which ones extrapolate instead of reusing: bool or tensor."""
+        if self._forecast is None:
+            return False
+        if rows.uniform_step is not None:
+            return self._forecast[rows.uniform_step][block][component]
+        steps = rows.steps if row_index is None else rows.steps[row_index]
+        return self._forecast_mask[steps, block, component]
+
+    def serve(self, cache: RowCache, rows: StepRows, row_index: torch.Tensor | None, block: int, component: int) -> Any:
+        """Cached values for reusing rows: plain reuse, or a forecast where the schedule says so."""
+        keys = rows.keys if row_index is None else [rows.keys[i] for i in row_index.tolist()]
+        forecast = self.forecast_rows(rows, row_index, block, component)
+        if forecast is False or (isinstance(forecast, torch.Tensor) and not bool(forecast.any())):
+            return cache.gather(keys)
+        steps = rows.steps if row_index is None else rows.steps[row_index]
+        if forecast is True or bool(forecast.all()):
+            return cache.forecast(keys, steps, self.forecast_order)
+        f_rows, r_rows = forecast.nonzero().flatten(), (~forecast).nonzero().flatten()
+        parts = [
+            (f_rows, cache.forecast([keys[i] for i in f_rows.tolist()], steps[f_rows], self.forecast_order)),
+            (r_rows, cache.gather([keys[i] for i in r_rows.tolist()])),
+        ]
+        return merge_rows(parts, len(keys))
 
     def decide(self, rows: StepRows, block: int, component: int) -> bool | torch.Tensor:
         """True / False for the whole batch when that is known cheaply, else a per-row bool tensor."""
@@ -103,7 +132,7 @@ class CacheSession:
     def cache_for(self, block: int, component: int) -> RowCache:
         key = (block, component)
         if key not in self.caches:
-            self.caches[key] = RowCache()
+            self.caches[key] = RowCache(depth=self.forecast_order + 1)
         return self.caches[key]
 
     @property
@@ -311,20 +340,20 @@ class _RowCachingHook(ModelHook):
         if n_compute == rows.batch_size:
             output = self.fn_ref.original_forward(*args, **kwargs)
             value = self._cache_value(args, kwargs, output)
-            cache.store(rows.keys, value)
+            cache.store(rows.keys, value, rows.step_list)
             session.observe(self.block, self.component, None, value)
             return output
         if n_compute == 0:
-            return self._serve(args, kwargs, cache.gather(rows.keys))
+            return self._serve(args, kwargs, session.serve(cache, rows, None, self.block, self.component))
 
         compute_rows = compute.nonzero().flatten()
         reuse_rows = (~compute).nonzero().flatten()
         c_args, c_kwargs = self._take_input_rows(args, kwargs, compute_rows, rows.batch_size)
         computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
         value = self._cache_value(c_args, c_kwargs, computed)
-        cache.store([rows.keys[i] for i in compute_rows.tolist()], value)
+        cache.store([rows.keys[i] for i in compute_rows.tolist()], value, [rows.step_list[i] for i in compute_rows.tolist()])
         session.observe(self.block, self.component, compute_rows, value)
-        cached = cache.gather([rows.keys[i] for i in reuse_rows.tolist()])
+        cached = session.serve(cache, rows, reuse_rows, self.block, self.component)
         if self.serve_needs_inputs:
             r_args, r_kwargs = self._take_input_rows(args, kwargs, reuse_rows, rows.batch_size)
             served = self._serve(r_args, r_kwargs, cached)

@@ -48,6 +48,8 @@ class Schedule:
     provenance: dict[str, Any] = field(default_factory=lambda: {"method": "hand"})
     predicted_cost: dict[str, float] | None = None
     measured: dict[str, Any] | None = None
+    forecast: torch.Tensor | None = None  # [steps, blocks, components]: reuse entries served by extrapolation
+    forecast_order: int = 0
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -117,6 +119,19 @@ class Schedule:
         """Per batch row, whether `component` of `block` computes at that row's step (the `CachePlan` protocol)."""
         return self.recompute[rows.steps, block, component]
 
+    def with_forecast(self, order: int = 1, where: torch.Tensor | None = None) -> "Schedule":
+        """Serve reused entries by TaylorSeer-style extrapolation of order `order` instead of plain reuse.
+
+        `where` (a `[steps, blocks, components]` bool mask) limits forecasting to some reuse entries; by default every
+        reuse entry forecasts. Order 1 extrapolates linearly from the last two computed steps.
+        """
+        if order < 1:
+            raise ScheduleError("forecast order must be >= 1 (order 0 is plain reuse)")
+        reuse = ~self.recompute
+        forecast = reuse if where is None else reuse & torch.as_tensor(where, dtype=torch.bool)
+        provenance = {**self.provenance, "forecast": {"method": "taylorseer", "order": order}}
+        return replace(self, forecast=forecast.clone(), forecast_order=order, provenance=provenance, predicted_cost=None)
+
     # ------------------------------------------------------------------ validation
     def _check_consistency(self) -> None:
         if self.mode not in ("component", "block"):
@@ -136,6 +151,11 @@ class Schedule:
                 f"step 0 must compute everything (nothing is cached yet), but block {block} "
                 f"component {self.components[comp]!r} is set to reuse"
             )
+        if self.forecast is not None:
+            if self.forecast.shape != self.recompute.shape or bool((self.forecast & self.recompute).any()):
+                raise ScheduleError("forecast entries must be a subset of the reuse entries")
+            if self.forecast_order < 1:
+                raise ScheduleError("a schedule with forecast entries needs forecast_order >= 1")
         if self.provenance.get("method") not in PROVENANCES:
             raise ScheduleError(f"provenance method must be one of {PROVENANCES}, got {self.provenance.get('method')!r}")
 
@@ -233,17 +253,21 @@ class Schedule:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ files
+    def _entry_char(self, step: int, block: int, component: int) -> str:
+        if not bool(self.present[block, component]):
+            return "-"
+        if bool(self.recompute[step, block, component]):
+            return "1"
+        if self.forecast is not None and bool(self.forecast[step, block, component]):
+            return "f"
+        return "0"
+
     def to_dict(self) -> dict[str, Any]:
         rows = []
         for step in range(self.num_steps):
             blocks = []
             for block in range(self.num_blocks):
-                blocks.append(
-                    "".join(
-                        ("1" if bool(self.recompute[step, block, c]) else "0") if bool(self.present[block, c]) else "-"
-                        for c in range(len(self.components))
-                    )
-                )
+                blocks.append("".join(self._entry_char(step, block, c) for c in range(len(self.components))))
             rows.append(" ".join(blocks))
         return {
             "format": SCHEDULE_FORMAT,
@@ -257,6 +281,7 @@ class Schedule:
             "provenance": self.provenance,
             "predicted_cost": self.predicted_cost,
             "measured": self.measured,
+            "forecast_order": self.forecast_order,
             "recompute": rows,
         }
 
@@ -276,6 +301,7 @@ class Schedule:
             if len(rows) != num_steps:
                 raise ScheduleError(f"recompute has {len(rows)} rows but num_steps is {num_steps}")
             recompute = torch.ones(num_steps, num_blocks, len(components), dtype=torch.bool)
+            forecast = torch.zeros_like(recompute)
             present = torch.ones(num_blocks, len(components), dtype=torch.bool)
             for step, row in enumerate(rows):
                 blocks = row.split()
@@ -285,13 +311,14 @@ class Schedule:
                     )
                 for block, chars in enumerate(blocks):
                     for c, char in enumerate(chars):
-                        if char not in "01-":
-                            raise ScheduleError(f"recompute row {step} has {char!r}; only 0, 1 and - are allowed")
+                        if char not in "01f-":
+                            raise ScheduleError(f"recompute row {step} has {char!r}; only 0, 1, f and - are allowed")
                         if step == 0:
                             present[block, c] = char != "-"
                         elif (char == "-") != (not bool(present[block, c])):
                             raise ScheduleError(f"recompute row {step} disagrees with row 0 on absent components")
-                        recompute[step, block, c] = char != "0"
+                        recompute[step, block, c] = char in "1-"
+                        forecast[step, block, c] = char == "f"
             schedule = cls(
                 recompute=recompute,
                 model_class=str(data["model_class"]),
@@ -302,6 +329,8 @@ class Schedule:
                 provenance=dict(data.get("provenance") or {"method": "hand"}),
                 predicted_cost=data.get("predicted_cost"),
                 measured=data.get("measured"),
+                forecast=forecast if bool(forecast.any()) else None,
+                forecast_order=int(data.get("forecast_order", 0)),
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise ScheduleError(f"corrupt schedule: {type(err).__name__}: {err}") from None

@@ -31,6 +31,7 @@ class StepRows:
         if len(set(self.keys)) != len(self.keys):
             raise ValueError("cache keys must be unique within a batch")
         steps = self.steps.tolist()
+        object.__setattr__(self, "step_list", steps)
         # the common case (a plain pipeline call): one step for the whole batch, decided once per component
         object.__setattr__(self, "uniform_step", steps[0] if steps and min(steps) == max(steps) else None)
 
@@ -89,14 +90,16 @@ def merge_rows(parts: Sequence[tuple[torch.Tensor, Any]], batch_size: int) -> An
 
 # ---------------------------------------------------------------------- caches
 class RowCache:
-    """The last computed value of one cacheable module, per row key.
+    """The last computed values of one cacheable module, per row key.
 
     Values are stored by reference to the batch they came from, so the common case (the same requests in the same
-    order as when they were computed) is served without copying.
+    order as when they were computed) is served without copying. With `depth > 1` the last `depth` computed values
+    are kept with their steps, for forecasting (TaylorSeer) instead of plain reuse.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[Hashable, tuple[Any, int]] = {}
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._entries: dict[Hashable, list[tuple[int, Any, int]]] = {}  # key -> [(step, batch value, row)], newest last
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,18 +107,58 @@ class RowCache:
     def has(self, keys: Sequence[Hashable]) -> bool:
         return all(key in self._entries for key in keys)
 
-    def store(self, keys: Sequence[Hashable], value: Any) -> None:
+    def store(self, keys: Sequence[Hashable], value: Any, steps: Sequence[int] | None = None) -> None:
         for row, key in enumerate(keys):
-            self._entries[key] = (value, row)
+            point = (steps[row] if steps is not None else -1, value, row)
+            history = self._entries.get(key)
+            if history is None or self.depth == 1:
+                self._entries[key] = [point]
+            else:
+                history.append(point)
+                del history[: -self.depth]
 
-    def gather(self, keys: Sequence[Hashable]) -> Any:
-        entries = [self._entries[key] for key in keys]
-        value = entries[0][0]
-        same_batch = all(e[0] is value and e[1] == i for i, e in enumerate(entries))
+    def _rows_of(self, keys: Sequence[Hashable], age: int) -> Any:
+        """The value `age` computations back (0: newest) for each key, as one batch."""
+        entries = [self._entries[key][-1 - age] for key in keys]
+        value = entries[0][1]
+        same_batch = all(e[1] is value and e[2] == i for i, e in enumerate(entries))
         if same_batch and _batch_len(value) == len(keys):
             return value
-        parts = [take_rows(e[0], torch.tensor([e[1]])) for e in entries]
+        parts = [take_rows(e[1], torch.tensor([e[2]])) for e in entries]
         return _zip_trees(parts, lambda tensors: torch.cat(tensors, dim=0))
+
+    def gather(self, keys: Sequence[Hashable]) -> Any:
+        return self._rows_of(keys, 0)
+
+    def forecast(self, keys: Sequence[Hashable], target_steps: torch.Tensor, order: int) -> Any:
+        """Extrapolate each key's value to its target step from its last computed ones (TaylorSeer).
+
+        A Newton divided-difference polynomial through the last `order + 1` computed points, in step units: order 0
+        is plain reuse, order 1 a linear extrapolation, and so on. Rows with fewer points use what they have.
+        """
+        points = min([order + 1, *(len(self._entries[key]) for key in keys)])
+        if points <= 1:
+            return self.gather(keys)
+        steps = torch.tensor([[self._entries[key][-1 - a][0] for a in range(points)] for key in keys], dtype=torch.float64)
+        values = [self._rows_of(keys, a) for a in range(points)]
+        target = torch.as_tensor(target_steps, dtype=torch.float64)
+
+        def newton(tensors: list[torch.Tensor]) -> torch.Tensor:
+            shape = (-1,) + (1,) * (tensors[0].ndim - 1)
+            dtype, device = tensors[0].dtype, tensors[0].device
+            as_col = lambda x: x.to(device=device, dtype=torch.float32).view(shape)  # noqa: E731
+            table = [t.float() for t in tensors]  # divided differences, built in place
+            result = table[0].clone()
+            basis = torch.ones(len(keys), dtype=torch.float64)
+            for level in range(1, points):
+                table = [
+                    (table[j] - table[j + 1]) / as_col(steps[:, j] - steps[:, j + level]) for j in range(points - level)
+                ]
+                basis = basis * (target - steps[:, level - 1])
+                result = result + table[0] * as_col(basis)
+            return result.to(dtype)
+
+        return _zip_trees(values, newton)
 
     def drop(self, keys: Sequence[Hashable]) -> None:
         for key in keys:

@@ -57,7 +57,7 @@ def test_from_mask_checks_shape_and_step_zero(flux):
         (lambda d: d.pop("format"), "not a cachekit schedule"),
         (lambda d: d.pop("components"), "corrupt schedule"),
         (lambda d: d["recompute"].pop(), "recompute has 7 rows but num_steps is 8"),
-        (lambda d: d["recompute"].__setitem__(2, "1x1- 111- 1--1 1--1"), "only 0, 1 and -"),
+        (lambda d: d["recompute"].__setitem__(2, "1x1- 111- 1--1 1--1"), "only 0, 1, f and -"),
         (lambda d: d["recompute"].__setitem__(2, "111- 111-"), "must have 4 groups of 4 characters"),
     ],
 )
