@@ -511,9 +511,12 @@ def calibrate_transformer(
     latency = torch.zeros(blocks, comps, dtype=torch.float64)
     for (b, c), values in recorder.unit_seconds.items():
         latency[b, c] = _median(values)
+    extra = dict(meta or {})
     if macs is None:
         args, kwargs = recorder.first_inputs
         macs = MacProfile.measure(transformer, *args, **kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        extra["mac_rows"] = int(hidden.shape[0])  # MACs are for one forward of this many batch rows
     return Calibration(
         model_class=layout.model_class,
         mode=mode,
@@ -541,7 +544,7 @@ def calibrate_transformer(
             "max_features": max_features,
             "calibration_seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **(meta or {}),
+            **extra,
         },
     )
 
@@ -563,7 +566,8 @@ def calibrate(
     The pipeline runs uncached (outputs are exact; only latents are produced, no VAE decode) in batches of
     `batch_size` prompts (all at once by default), prompt k seeded with `seed + k`. `call_kwargs` go to every
     pipeline call (e.g. `guidance_scale`, `height`, `width`); use the same settings you will generate with, since
-    errors depend on them. MACs are profiled per image with `MacProfile.for_pipeline`.
+    errors depend on them. MACs are counted with `MacProfile.measure` on the transformer's first call of the run
+    (its batch rows are recorded as `meta["mac_rows"]`); schedules only use their ratios.
     """
     prompts = [str(p) for p in prompts]
     if not prompts:
@@ -574,7 +578,6 @@ def calibrate(
         if reserved in call_kwargs:
             raise ValueError(f"{reserved!r} is set by calibrate itself")
     size = batch_size or len(prompts)
-    macs = MacProfile.for_pipeline(pipe, prompt=prompts[0], **call_kwargs)
 
     def run() -> None:
         for start in range(0, len(prompts), size):
@@ -589,7 +592,6 @@ def calibrate(
         num_steps,
         scheduler=pipe.scheduler,
         mode=mode,
-        macs=macs,
         max_features=max_features,
         seed=seed,
         progress=progress,
