@@ -1,0 +1,111 @@
+"""The NSGA-II schedule search on a tiny real PixArt transformer: it improves on its seeds, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cachekit
+from cachekit.cost import MacProfile
+from cachekit.policies import FORAConfig, TGATEConfig, fora_schedule, tgate_schedule
+from cachekit.search.fitness import Fitness, capped_psnr
+from cachekit.search.genetic import Genome, SearchConfig, hypervolume, run_search, write_outputs
+from tiny_models import TINY_MODELS, build, denoise
+
+NAME = "PixArtTransformer2DModel"
+STEPS = 6
+
+
+class LoopEvaluator:
+    """Fidelity of the final latents of a real denoising loop to the uncached ones; predicted MAC ratio as cost."""
+
+    quality_name = "psnr_vs_uncached"
+    cost_name = "mac_ratio"
+
+    def __init__(self, model, fail_after: int | None = None):
+        self.model, self.tiny = model, TINY_MODELS[NAME]
+        gen = torch.Generator().manual_seed(0)
+        self.profile = MacProfile.measure(model, self.tiny.latents(2, gen), timestep=torch.tensor([500.0, 500.0]),
+                                          return_dict=False, **self.tiny.conditioning(2, gen))
+        self.reference = self._images(None)
+        self.calls, self.fail_after = 0, fail_after
+
+    def _images(self, schedule):
+        scheduler = self.tiny.scheduler()
+        if schedule is None:
+            latents = denoise(self.model, self.tiny, STEPS, scheduler=scheduler)
+        else:
+            with cachekit.cached(self.model, schedule, scheduler=scheduler):
+                latents = denoise(self.model, self.tiny, STEPS, scheduler=scheduler)
+        return ((latents.clamp(-3, 3) + 3) / 6 * 255).round().to(torch.uint8)[:, :3]
+
+    def evaluate(self, schedules):
+        out = []
+        for schedule in schedules:
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                raise KeyboardInterrupt("killed mid-generation")
+            self.calls += 1
+            out.append(Fitness(capped_psnr(self._images(schedule), self.reference), self.profile.predict(schedule)))
+        return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(NAME)
+
+
+def _seeds(model):
+    return {
+        "fora-2": fora_schedule(model, STEPS, FORAConfig(interval=2, mode="component")),
+        "fora-3": fora_schedule(model, STEPS, FORAConfig(interval=3, mode="component")),
+        "tgate-2": tgate_schedule(model, STEPS, TGATEConfig(gate_step=2)),
+    }
+
+
+def test_genome_round_trip(model):
+    schedule = _seeds(model)["tgate-2"]
+    genome = Genome(cachekit.Schedule.full(model, STEPS))
+    assert genome.size == (STEPS - 1) * 3 * 3
+    assert torch.equal(genome.decode(genome.encode(schedule)).recompute, schedule.recompute)
+
+
+def test_hypervolume_of_simple_fronts():
+    assert hypervolume([(20.0, 0.5)], quality_floor=10.0) == pytest.approx(5.0)
+    assert hypervolume([(20.0, 0.5), (15.0, 0.25)], 10.0) == pytest.approx(5.0 + 0.25 * 5.0)
+    assert hypervolume([(5.0, 0.2), (30.0, 1.2)], 10.0) == 0.0  # below the floor / costlier than uncached
+
+
+def test_search_improves_on_its_seeds_and_writes_outputs(model, tmp_path):
+    config = SearchConfig(population=8, generations=3, seed=1, quality_floor=5.0)
+    evaluator = LoopEvaluator(model)
+    seeds = _seeds(model)
+    result = run_search(evaluator, cachekit.Schedule.full(model, STEPS), seeds, config, tmp_path, progress=False)
+    seed_hv = hypervolume([(s["quality"], s["cost"]) for s in result.seeds], config.quality_floor)
+    assert result.history[-1]["hypervolume"] > seed_hv
+    assert [h["generation"] for h in result.history] == [0, 1, 2, 3]
+    assert result.evaluations == evaluator.calls <= 8 * 4  # duplicates are never evaluated twice
+    files = write_outputs(result, cachekit.Schedule.full(model, STEPS), tmp_path)
+    front = json.loads((tmp_path / "front.json").read_text())
+    assert front["objectives"] == {"quality": "psnr_vs_uncached", "cost": "mac_ratio"}
+    assert len(front["front"]) == len(files) and (tmp_path / "front.png").stat().st_size > 0
+    best = cachekit.Schedule.load(tmp_path / files[0])
+    assert best.provenance["method"] == "search" and best.validate_for(model) is None
+    assert "| generation | evaluations |" in (tmp_path / "summary.md").read_text()
+
+
+def test_resume_after_kill_gives_the_same_front(model, tmp_path):
+    config = SearchConfig(population=8, generations=3, seed=2, quality_floor=5.0)
+    template = cachekit.Schedule.full(model, STEPS)
+    uninterrupted = run_search(LoopEvaluator(model), template, _seeds(model), config, tmp_path / "a", progress=False)
+
+    killed = LoopEvaluator(model, fail_after=14)  # dies inside generation 1 or 2
+    with pytest.raises(KeyboardInterrupt):
+        run_search(killed, template, _seeds(model), config, tmp_path / "b", progress=False)
+    resumed = run_search(LoopEvaluator(model), template, _seeds(model), config, tmp_path / "b", resume=True,
+                         progress=False)
+    assert [(p["genes"], p["quality"], p["cost"]) for p in resumed.front] == [
+        (p["genes"], p["quality"], p["cost"]) for p in uninterrupted.front
+    ]
+    assert resumed.history == uninterrupted.history
