@@ -238,3 +238,45 @@ def test_calibrate_a_stock_pipeline():
     assert torch.all(calib.rel_l1[..., 0, 3] > 0) and session_of(pipe.transformer) is None
     with pytest.raises(ValueError, match="'output_type' is set by calibrate itself"):
         calibrate(pipe, ["a 3"], 4, output_type="pil")
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def _parser():
+    import argparse
+
+    from cachekit.search.cli import add_parser
+
+    root = argparse.ArgumentParser(prog="cachekit")
+    add_parser(root.add_subparsers(dest="command", required=True))
+    return root
+
+
+def test_cli_calibrate_on_a_pipeline_folder(tmp_path, capsys):
+    from cachekit.zoo import train_digits as td
+
+    pipe = tiny_pixart_pipeline()
+    folder = tmp_path / "tiny-pixart"
+    td.save_pipeline(folder, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer)
+    out = tmp_path / "calib.pt"
+    settings = [f"--pipeline-arg={k}={json.dumps(v)}" for k, v in PIPE_SETTINGS.items() if k != "guidance_scale"]
+    args = _parser().parse_args(["calibrate", "--model", str(folder), "--steps", "3", "--prompts", "2",
+                                 "--guidance-scale", "2.5", *settings, "--out", str(out)])
+    assert args.handler(args) == 0
+    calib = Calibration.load(out)
+    assert calib.num_steps == 3 and calib.num_samples == 4 and len(calib.meta["prompts"]) == 2
+    assert calib.meta["call_kwargs"]["guidance_scale"] == 2.5 and calib.meta["model"] == str(folder)
+    assert f"wrote {out} (+ {out}.json)" in capsys.readouterr().out
+
+
+def test_cli_calibrate_errors(tmp_path, capsys):
+    args = _parser().parse_args(["calibrate", "--model", str(tmp_path / "missing"), "--pipeline-arg", "height",
+                                 "--out", str(tmp_path / "c.pt")])
+    with pytest.raises(ValueError, match="--pipeline-arg expects KEY=VALUE, got 'height'"):
+        args.handler(args)
+    for bad in (["--prompts", "0"], ["--steps", "-3"], ["--mode", "layer"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["calibrate", "--out", "c.pt", *bad])
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["calibrate", "--help"])
+    assert "1 - cosine" in capsys.readouterr().out
