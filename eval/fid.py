@@ -8,6 +8,7 @@ count it once per process. Without a reference, `update(imgs, real=True)` works 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,19 +24,46 @@ from torchmetrics.utilities import dim_zero_cat
 
 from .features import FeatureExtractor, InceptionFeatures
 
-__all__ = ["ReferenceStats", "FID", "KID", "frechet_distance"]
+__all__ = ["ReferenceStats", "FID", "KID", "frechet_distance", "sqrt_factor"]
 
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
-    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), in float64, trace of the square root via eigenvalues.
+def sqrt_factor(sigma: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(V, s)` with `sigma^(1/2) = V diag(s) V^T`, V with orthonormal columns, for a covariance matrix.
 
-    Same formula as torchmetrics' FID; eigenvalues of S1 S2 are real and >= 0 in exact arithmetic, so tiny negative
-    round-off values contribute 0 instead of NaN.
+    From the features when there are fewer samples than dimensions (an SVD of the centred `[N, D]` features: rank
+    N-1, milliseconds), else from a symmetric eigendecomposition of `sigma`. Computed once per reference, it makes
+    every later FID against that reference cheap.
+    """
+    if features is not None and features.shape[0] - 1 < features.shape[1]:
+        a = features.double()
+        a = a - a.mean(0, keepdim=True)
+        _, sv, vh = torch.linalg.svd(a, full_matrices=False)
+        return vh.T, sv / math.sqrt(features.shape[0] - 1)
+    e, v = torch.linalg.eigh(sigma.double())
+    return v, e.clamp(min=0).sqrt()
+
+
+def frechet_distance(
+    mu1: torch.Tensor,
+    sigma1: torch.Tensor,
+    mu2: torch.Tensor,
+    sigma2: torch.Tensor,
+    factor1: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
+    """||mu1-mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2), in float64.
+
+    Tr((S1 S2)^1/2) is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
+    R S2 R with R = S1^(1/2) (same non-zero spectrum as S1 S2), restricted to the range of R: with `factor1`
+    (see `sqrt_factor`) that is a small `r x r` problem, which matters on CPU, where the general non-symmetric
+    eigensolver torchmetrics uses takes tens of seconds at D = 2048. Tiny negative round-off eigenvalues count as 0.
     """
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    v, s = factor1 if factor1 is not None else sqrt_factor(sigma1)
+    v, s = v.to(sigma2.device), s.to(sigma2.device)
+    inner = (v.T @ sigma2 @ v) * s[:, None] * s[None, :]
+    ev = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_sqrt = ev.clamp(min=0).sqrt().sum()
     diff = (mu1 - mu2).square().sum()
-    ev = torch.linalg.eigvals(sigma1 @ sigma2)
-    tr_sqrt = ev.sqrt().real.sum()
     return float(diff + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt)
 
 
@@ -53,6 +81,7 @@ class ReferenceStats:
     source: str
     features: torch.Tensor | None = None
     extractor: dict[str, Any] | None = field(default=None)
+    _factor: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_features(
@@ -94,6 +123,12 @@ class ReferenceStats:
             extra["extractor_sha256"] = np.asarray(str(self.extractor.get("sha256")))
             extra["resize_mode"] = np.asarray(str(self.extractor.get("resize_mode")))
         np.savez(path, mu=self.mu.numpy(), sigma=self.sigma.numpy(), **extra)
+
+    def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sqrt_factor` of the covariance, computed on first use and kept (the reference serves many schedules)."""
+        if self._factor is None:
+            self._factor = sqrt_factor(self.sigma, self.features)
+        return self._factor
 
     @property
     def dim(self) -> int:
@@ -147,17 +182,24 @@ class FID(FrechetInceptionDistance):
         """The fixed reference, if any."""
         return self._reference
 
+    @staticmethod
+    def _stats(total: torch.Tensor, cov_sum: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = total / n
+        return mean, (cov_sum - n * torch.outer(mean, mean)) / (n - 1)
+
     def compute(self) -> torch.Tensor:
-        """FID of the accumulated generated images against the reference (or the accumulated real images)."""
-        if self._reference is None:
-            return super().compute()
-        n = self.fake_features_num_samples
-        if n < 2:
+        """FID of the accumulated generated images against the fixed reference (or the accumulated real images)."""
+        if self.fake_features_num_samples < 2:
             raise RuntimeError("FID needs at least 2 generated images")
-        mean = self.fake_features_sum / n
-        cov = (self.fake_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1)
-        ref = self._reference
-        return torch.tensor(frechet_distance(ref.mu.to(mean.device), ref.sigma.to(mean.device), mean, cov))
+        mean, cov = self._stats(self.fake_features_sum, self.fake_features_cov_sum, self.fake_features_num_samples)
+        if self._reference is not None:
+            ref = self._reference
+            d = frechet_distance(ref.mu.to(mean.device), ref.sigma.to(mean.device), mean, cov, ref.factor())
+            return torch.tensor(d)
+        if self.real_features_num_samples < 2:
+            raise RuntimeError("FID needs a reference: set_reference() or at least 2 update(images, real=True)")
+        rmean, rcov = self._stats(self.real_features_sum, self.real_features_cov_sum, self.real_features_num_samples)
+        return torch.tensor(frechet_distance(rmean, rcov, mean, cov))
 
     def info(self) -> dict[str, Any]:
         """Backend, weights hash, resize mode and reference for the report."""
