@@ -8,7 +8,6 @@ architecture found in open_clip's/OpenAI's usual cache folder. Nothing is downlo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from torch import nn
 
 from .weights import MissingWeightsError, sha256_of
 
-__all__ = ["ClipBundle", "load_clip_model", "digits_clip_dir", "CLIP_CACHE_DIR"]
+__all__ = ["ClipBundle", "load_clip_model", "CLIP_CACHE_DIR"]
 
 # OpenAI's `clip` package and open_clip's `load_openai_model` both cache here.
 CLIP_CACHE_DIR = Path(os.environ.get("CACHEKIT_CLIP_DIR", Path.home() / ".cache" / "clip"))
@@ -41,35 +40,15 @@ class ClipBundle:
         return {"backend": f"open_clip ({self.name})", "weights": self.weights, "sha256": self.sha256}
 
 
-def digits_clip_dir() -> Path:
-    """Folder of the digits CLIP shipped in `cachekit.zoo` (may not exist while the zoo is being built)."""
-    import cachekit.zoo
-
-    return Path(cachekit.zoo.__file__).parent / "digits_clip"
-
-
-def _sha256_of_dir(folder: Path) -> str:
-    """One fingerprint for a multi-file model folder: sha256 over (relative path, file sha256) pairs, sorted."""
-    h = hashlib.sha256()
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and "__pycache__" not in q.parts):
-        h.update(str(p.relative_to(folder)).encode())
-        h.update(sha256_of(p).encode())
-    return h.hexdigest()
-
-
-def _load_digits() -> ClipBundle:
+def _load_digits(device: str) -> ClipBundle:
+    """The digits CLIP shipped in `cachekit.zoo` (trained on the same digits as the embedded pipeline)."""
     try:
-        from cachekit.zoo import load_clip
+        from cachekit.zoo import clip_checkpoint, load_clip
     except ImportError as e:
-        raise MissingWeightsError(
-            "the digits CLIP is not available: cachekit.zoo.load_clip is missing from this install "
-            f"({e}). Reinstall cachekit with its bundled zoo models."
-        ) from e
-    folder = digits_clip_dir()
-    if not folder.is_dir():
-        raise MissingWeightsError(f"the digits CLIP weights folder {folder} does not exist; reinstall cachekit.")
-    model, preprocess, tokenizer = load_clip("digits")
-    return ClipBundle(model.eval(), preprocess, tokenizer, "digits", str(folder), _sha256_of_dir(folder))
+        raise MissingWeightsError(f"the digits CLIP needs cachekit.zoo.load_clip, missing from this install ({e})") from e
+    ckpt = clip_checkpoint("digits")  # raises ModelNotFoundError (a FileNotFoundError) with how to retrain
+    model, preprocess, tokenizer = load_clip("digits", device=device)
+    return ClipBundle(model.eval(), preprocess, tokenizer, "digits", str(ckpt), sha256_of(ckpt))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -88,9 +67,7 @@ def load_clip_model(name: str = "digits", weights: str | os.PathLike | None = No
     if name == "digits":
         if weights is not None:
             raise ValueError("the digits CLIP is bundled with cachekit; do not pass weights for it")
-        bundle = _load_digits()
-        bundle.model.to(device)
-        return bundle
+        return _load_digits(device)
 
     import open_clip
 
