@@ -442,7 +442,7 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
-# ---------------------------------------------------------------------------------------------------------- entry points
+# ------------------------------------------------------------------------------------------------- entry points
 def calibrate_transformer(
     transformer: nn.Module,
     run: Callable[[], Any],

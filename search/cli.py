@@ -109,7 +109,8 @@ def add_parser(subparsers: Any) -> None:
     cal.add_argument("--model", default="digits",
                      help="bundled model name ('digits', the default) or a local diffusers pipeline folder")
     cal.add_argument("--device", default=None, help="torch device to calibrate and time on (default: cpu)")
-    cal.add_argument("--steps", type=_positive_int, default=20, help="denoising steps the schedule will run (default 20)")
+    cal.add_argument("--steps", type=_positive_int, default=20,
+                     help="denoising steps the schedule will run (default 20)")
     cal.add_argument("--prompts", type=_positive_int, default=8, help="number of calibration prompts (default 8)")
     cal.add_argument("--prompt-set", default="digits",
                      help="prompt set: digits, coco[:PATH], parti[:PATH], ... or a .txt/.jsonl file (default digits)")

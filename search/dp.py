@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 FEED_FORWARD = frozenset({"ff", "ffn", "ff_context", "proj_mlp"})
-"""Component names that are feed-forward networks (PixArt/DiT/Sana `ff`, Wan `ffn`, FLUX `ff`/`ff_context`/`proj_mlp`)."""
+"""Feed-forward component names: PixArt / DiT / Sana `ff`, Wan `ffn`, FLUX `ff`, `ff_context`, `proj_mlp`."""
 
 PRESETS = ("default", "bac", "cachequant")
 
@@ -439,26 +439,28 @@ def _solve_lagrange(problem: _Problem, budget: float) -> tuple[np.ndarray, float
     masks = masks_at(0.0)
     if fits(masks):
         return masks, 0.0
-    high = 1.0
-    while not fits(masks_at(high)):
-        high *= 4.0
+    low, high = 0.0, 1.0
+    best = masks_at(high)
+    while not fits(best):  # find a price high enough to fit
+        low, high = high, high * 4.0
         if high > 1e15:
-            floor = problem.ratio(masks_at(1e15), problem.unit_cost, problem.total)
+            floor = problem.ratio(best, problem.unit_cost, problem.total)
             raise InfeasibleError(
                 f"budget {budget:.3f} is below the cheapest schedule these constraints allow ({floor:.3f} of the "
                 f"uncached {config.cost}; the transformer outside the cached units alone costs "
                 f"{1 - problem.unit_cost.sum() / problem.total:.3f})"
             )
-    low = 0.0
-    for _ in range(60):
+        best = masks_at(high)
+    for _ in range(60):  # then the lowest price that still fits: the least error within budget
         middle = 0.5 * (low + high)
-        if fits(masks_at(middle)):
-            high = middle
+        candidate = masks_at(middle)
+        if fits(candidate):
+            high, best = middle, candidate
         else:
             low = middle
         if high - low <= 1e-9 * high:
             break
-    return masks_at(high), high
+    return best, high
 
 
 def _solve_count_for_budget(problem: _Problem, budget: float) -> tuple[np.ndarray, float | None]:
@@ -470,7 +472,9 @@ def _solve_count_for_budget(problem: _Problem, budget: float) -> tuple[np.ndarra
     config, steps = problem.config, problem.steps
     outside = problem.total - problem.unit_cost.sum()
     share = problem.unit_cost.sum() / problem.total
-    start = int(math.floor((budget * problem.total - outside) / problem.unit_cost.sum() * steps + 1e-9)) if share else steps
+    start = steps
+    if share:
+        start = int(math.floor((budget * problem.total - outside) / problem.unit_cost.sum() * steps + 1e-9))
     for count in range(min(start, steps), 0, -1):
         interval = steps / count if config.interval_stretch else None
         try:
