@@ -47,6 +47,7 @@ __all__ = [
     "CALIBRATE_HOOK",
     "CALIBRATION_FORMAT",
     "CALIBRATION_VERSION",
+    "DEFAULT_MAX_FEATURES",
     "METRICS",
     "Calibration",
     "CalibrationError",
@@ -57,6 +58,7 @@ __all__ = [
 CALIBRATE_HOOK = "cachekit.calibrate"
 CALIBRATION_FORMAT = "cachekit.calibration"
 CALIBRATION_VERSION = 1
+DEFAULT_MAX_FEATURES = 65536
 METRICS = ("l1", "cosine")
 """Error metrics a calibration holds: relative L1 and cosine distance (1 - cosine similarity)."""
 
@@ -254,17 +256,17 @@ class Calibration:
 
 # ---------------------------------------------------------------------------------------------------------- recording
 def _rows_matrix(value: Any, batch: int) -> torch.Tensor:
-    """All batched tensors of a unit's output (or residual), one flat float row per batch row: `[batch, features]`."""
+    """All batched tensors of a unit's output (or residual), one flat row per batch row: `[batch, features]`."""
     parts: list[torch.Tensor] = []
 
     def take(t: torch.Tensor) -> None:
         if t.ndim > 0 and t.shape[0] == batch and t.is_floating_point():
-            parts.append(t.detach().reshape(batch, -1).float())
+            parts.append(t.detach().reshape(batch, -1))
 
     map_tensors(take, value)
     if not parts:
         raise RuntimeError("a calibrated unit returned no batched floating-point tensor")
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].dtype) for p in parts], 1)
 
 
 class _Recorder:
@@ -310,18 +312,20 @@ class _Recorder:
         if rows.uniform_step is None:
             raise RuntimeError("calibration runs plain generations: every batch row must be at the same step")
         self.pending_rows = rows
-        self.pending.append((block, comp, _rows_matrix(value, rows.batch_size), seconds))
+        flat = self._features(block, comp, _rows_matrix(value, rows.batch_size))
+        self.pending.append((block, comp, flat, seconds))
         self.unit_seconds.setdefault((block, comp), []).append(seconds)
 
     def _features(self, block: int, comp: int, flat: torch.Tensor) -> torch.Tensor:
+        """The coordinates compared for this unit, as float32 (a fixed random subset when there are too many)."""
         if self.max_features is None or flat.shape[1] <= self.max_features:
-            return flat
+            return flat.float()
         key = (block, comp)
         if key not in self.feature_index:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + block * 101 + comp)
             index = torch.randperm(flat.shape[1], generator=gen)[: self.max_features].sort().values
             self.feature_index[key] = index.to(flat.device)
-        return flat.index_select(1, self.feature_index[key])
+        return flat.index_select(1, self.feature_index[key]).float()
 
     def flush(self, forward_seconds: float) -> None:
         """After a transformer forward: turn the stashed outputs into error sums (outside the timed region)."""
@@ -335,7 +339,6 @@ class _Recorder:
             self.num_samples += batch
         seen: list[int] = []
         for block, comp, flat, _ in pending:
-            flat = self._features(block, comp, flat)
             key = (block, comp, rows.keys)
             if step == 0 or key not in self.history:
                 self.history[key] = (flat.new_empty(self.num_steps, *flat.shape), [])
@@ -451,7 +454,7 @@ def calibrate_transformer(
     scheduler: Any,
     mode: str = "component",
     macs: MacProfile | None = None,
-    max_features: int | None = None,
+    max_features: int | None = DEFAULT_MAX_FEATURES,
     seed: int = 0,
     progress: bool = True,
     generations: int | None = None,
@@ -466,9 +469,10 @@ def calibrate_transformer(
         scheduler: the scheduler whose timesteps `run` uses; the cachekit step tracker reads the step from it.
         mode: 'component' (ECAD: each component's raw output) or 'block' (whole-block residuals, FORA-style).
         macs: the MAC profile to record; measured on the first transformer call's inputs when omitted.
-        max_features: compare this many randomly chosen (fixed per unit) output coordinates per row instead of all
-            of them. The history of every unit at every step is kept until a generation ends, which for a large
-            model at full resolution is tens of GB; a few thousand coordinates estimate both metrics closely.
+        max_features: compare at most this many output coordinates per row, chosen at random once per unit (None:
+            all). Every unit's output at every step is kept until its generation ends; for PixArt at 1024 px that
+            is tens of GB in full, about 1 GB at the default 65536, which estimates both metrics closely. The
+            small bundled model's outputs are compared whole.
         seed: seeds the coordinate subset.
         generations: how many generations `run` makes, for the progress bar's total.
         meta: extra JSON-able metadata to record (prompts, call settings).
@@ -557,7 +561,7 @@ def calibrate(
     batch_size: int | None = None,
     seed: int = 0,
     mode: str = "component",
-    max_features: int | None = None,
+    max_features: int | None = DEFAULT_MAX_FEATURES,
     progress: bool = True,
     **call_kwargs: Any,
 ) -> Calibration:

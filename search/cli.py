@@ -121,9 +121,9 @@ def add_parser(subparsers: Any) -> None:
                      help="prompts per pipeline call (default: all at once)")
     cal.add_argument("--mode", choices=["component", "block"], default="component",
                      help="component: each attention / feed-forward output (default); block: whole-block residuals")
-    cal.add_argument("--max-features", type=_positive_int, default=None,
-                     help="compare this many random output coordinates per unit instead of all (bounds memory on "
-                          "large models)")
+    cal.add_argument("--max-features", type=_positive_int, default=65536,
+                     help="compare at most this many random output coordinates per unit and row (bounds memory on "
+                          "large models; default 65536)")
     cal.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
     cal.add_argument("--pipeline-arg", action="append", default=[], metavar="KEY=VALUE",
                      help="extra pipeline call setting, repeatable, e.g. --pipeline-arg height=512 "
