@@ -8,6 +8,8 @@ Runs under `accelerate launch` (any backend, including `--cpu`) and as a plain s
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,4 +81,12 @@ def get_dist(cpu: bool = False) -> Dist:
     from accelerate import PartialState
 
     state = PartialState(cpu=cpu)
+    if state.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") \
+            and "WORLD_SIZE" not in os.environ:
+        warnings.warn(
+            "running as a single process: `accelerate launch --cpu` starts only one process unless it is given "
+            "--mpirun_hostfile. For several CPU processes use `accelerate launch --multi_gpu --num_processes N` "
+            "(torchrun; accelerate falls back to gloo on CPU) or `torchrun --nproc_per_node N -m cachekit.eval`.",
+            stacklevel=2,
+        )
     return Dist(rank=state.process_index, world_size=state.num_processes, device=state.device, _state=state)

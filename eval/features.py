@@ -62,14 +62,17 @@ def _check_images(images: torch.Tensor) -> None:
 class FeatureExtractor(nn.Module):
     """Base class: `forward(uint8 [N,3,H,W]) -> float [N, num_features]`, evaluation mode only, plus `info()`.
 
-    The last batch's features are memoised by tensor identity so FID and KID sharing one extractor run it once.
+    The last batch's features are memoised by tensor identity (the same tensor object, unmodified) so FID and KID
+    sharing one extractor run it once.
     """
 
     num_features: int
 
     def __init__(self) -> None:
         super().__init__()
-        self._memo_key: tuple | None = None
+        # The last input tensor itself (not its address: freed memory is reused by the next batch) and its version.
+        self._memo_input: torch.Tensor | None = None
+        self._memo_version = -1
         self._memo_val: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
@@ -93,12 +96,11 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images)
-        key = (images.data_ptr(), tuple(images.shape), images.stride(), images._version, images.device)
-        if key == self._memo_key and self._memo_val is not None:
+        if images is self._memo_input and images._version == self._memo_version and self._memo_val is not None:
             return self._memo_val
         with torch.no_grad():
             out = self.extract(images.to(self.device)).float()
-        self._memo_key, self._memo_val = key, out
+        self._memo_input, self._memo_version, self._memo_val = images, images._version, out
         return out
 
 

@@ -70,7 +70,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"source `{report['prompts'].get('source')}`)",
         f"- steps: {report.get('num_steps')}; seeds: {report['seeds']['rule']} (base {report['seeds']['base_seed']})",
         f"- processes: {report.get('world_size')}; device: {report.get('device')}",
-        f"- latency: {report['latency_protocol']}",
+        "- latency: " + (", ".join(f"{k} {v}" for k, v in report["latency_protocol"].items())
+                         if report.get("latency_protocol") else "not measured"),
         "",
         "| schedule | speedup | latency / image (s, median ± IQR) | MACs ratio | "
         + " | ".join(m + arrows[m] for m in metric_names) + " |",
@@ -129,8 +130,13 @@ def save_tradeoff_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     metric_names = sorted({m for s in scheds.values() for m in s.get("metrics", {}) if m != "kid_std"})
     if not metric_names:
         return
-    fig, axes = plt.subplots(1, len(metric_names), figsize=(3.6 * len(metric_names), 3.2), squeeze=False)
-    for ax, m in zip(axes[0], metric_names):
+    ncols = min(3, len(metric_names))
+    nrows = -(-len(metric_names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(metric_names):]:
+        ax.set_visible(False)
+    for ax, m in zip(flat, metric_names):
         for name, s in scheds.items():
             v, x = s.get("metrics", {}).get(m), s.get("speedup")
             if isinstance(v, (int, float)) and math.isfinite(v) and x is not None:
@@ -138,6 +144,7 @@ def save_tradeoff_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
                 ax.annotate(name, (x, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("speedup vs uncached (×)")
         ax.set_ylabel(m + (" (lower is better)" if m in _LOWER_IS_BETTER else " (higher is better)"))
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(alpha=0.3)
     fig.suptitle(f"quality vs speedup — {report.get('model')}", fontsize=9)
     fig.tight_layout()

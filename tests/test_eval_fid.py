@@ -97,6 +97,11 @@ def test_bundled_weights_are_used_and_described(real_inception, sets):
     first = real_inception(batch)
     assert real_inception(batch) is first  # FID and KID sharing the extractor pay for one forward pass
     assert first.shape == (2, 2048)
+    other = sets["train"][:2].clone()
+    del batch
+    assert not torch.equal(real_inception(other), first)  # a new tensor is a new batch, wherever its memory is
+    other[0, 0, 0, 0] ^= 255  # modified in place: recomputed
+    assert not torch.equal(real_inception(other)[0], real_inception(sets["train"][:2].clone())[0])
 
 
 def test_fid_of_a_set_against_itself_is_zero(inception, sets, features):

