@@ -319,7 +319,7 @@ class _Recorder:
     def _features(self, block: int, comp: int, flat: torch.Tensor) -> torch.Tensor:
         """The coordinates compared for this unit, as float32 (a fixed random subset when there are too many)."""
         if self.max_features is None or flat.shape[1] <= self.max_features:
-            return flat.float()
+            return flat.to(torch.float32, copy=True)  # a copy: the block may modify its output in place later
         key = (block, comp)
         if key not in self.feature_index:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + block * 101 + comp)
