@@ -1,1 +1,58 @@
-"""Measures: FID/KID/CLIP/PSNR, prompt sets, latency, reports."""
+"""Measures: FID/KID/CLIP/PSNR/SSIM/LPIPS, prompt sets, latency and MACs, reports, sharded over processes.
+
+    from cachekit.eval import evaluate, MetricConfig, digits_prompts
+    report = evaluate(pipe, {"fora2": schedule}, digits_prompts(40), 20, MetricConfig(["fid", "clip", "psnr"]),
+                      "out/", default_reference="digits-heldout")
+
+Names are imported on first use, so `cachekit --help` does not pay for torchmetrics and open_clip.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "evaluate": "runner",
+    "generate": "runner",
+    "MetricConfig": "suite",
+    "MetricFactory": "suite",
+    "MetricSuite": "suite",
+    "FID": "fid",
+    "KID": "fid",
+    "ReferenceStats": "fid",
+    "frechet_distance": "fid",
+    "build_reference": "reference",
+    "CLIPScore": "clip_score",
+    "load_clip_model": "clip_models",
+    "PSNR": "fidelity",
+    "SSIM": "fidelity",
+    "LPIPS": "fidelity",
+    "ImageRewardScore": "image_reward",
+    "InceptionFeatures": "features",
+    "ClipImageFeatures": "features",
+    "FeatureExtractor": "features",
+    "MissingWeightsError": "weights",
+    "resolve_inception_weights": "weights",
+    "PromptSet": "prompts",
+    "load_prompts": "prompts",
+    "digits_prompts": "prompts",
+    "load_coco_captions": "prompts",
+    "load_mjhq": "prompts",
+    "load_parti_prompts": "prompts",
+    "load_drawbench": "prompts",
+    "measure_latency": "latency",
+    "measure_interleaved": "latency",
+    "count_call_macs": "latency",
+    "LatencyStats": "latency",
+    "write_report": "report",
+    "get_dist": "distributed",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
