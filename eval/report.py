@@ -136,11 +136,12 @@ def save_tradeoff_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     flat = [ax for row in axes for ax in row]
     for ax in flat[len(metric_names):]:
         ax.set_visible(False)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(scheds)}  # one colour per schedule in every panel
     for ax, m in zip(flat, metric_names):
         for name, s in scheds.items():
             v, x = s.get("metrics", {}).get(m), s.get("speedup")
             if isinstance(v, (int, float)) and math.isfinite(v) and x is not None:
-                ax.scatter([x], [v], s=24)
+                ax.scatter([x], [v], s=24, color=colors[name])
                 ax.annotate(name, (x, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("speedup vs uncached (×)")
         ax.set_ylabel(m + (" (lower is better)" if m in _LOWER_IS_BETTER else " (higher is better)"))

@@ -137,9 +137,8 @@ class MetricFactory:
             self.reference = build_reference(
                 ref, self._extractor, dist=self.dist, batch_size=config.batch_size, limit=config.reference_limit
             )
-        for n in names:  # fail early on weights that are missing, before any image is generated
-            if n in ("lpips", "imagereward"):
-                self._make(n)
+        # Fail early on weights that are missing, before any image is generated; the instance serves the first suite.
+        self._prebuilt = {n: self._make(n) for n in names if n in ("lpips", "imagereward")}
 
     def _build_extractor(self):
         from .features import ClipImageFeatures, InceptionFeatures
@@ -187,4 +186,5 @@ class MetricFactory:
     def suite(self, include_fidelity: bool = True) -> MetricSuite:
         """Fresh metric states for one schedule. The uncached model gets no fidelity metrics (it is the baseline)."""
         names = [n for n in self.config.names if include_fidelity or METRICS[n] != "fidelity"]
-        return MetricSuite({n: self._make(n) for n in names}).to(self.dist.device)
+        built = {n: self._prebuilt.pop(n) if n in self._prebuilt else self._make(n) for n in names}
+        return MetricSuite(built).to(self.dist.device)
