@@ -78,7 +78,7 @@ def load_pipeline(name_or_path: str = "digits", device=None, torch_dtype=None):
     name_or_path = str(name_or_path)
     kwargs = {"local_files_only": True}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype  # diffusers >= 0.42 name (torch_dtype is deprecated there)
     if name_or_path in _PIPELINES:
         folder = _PIPELINES[name_or_path]
         if not _has_pipeline_weights(folder):

@@ -5,7 +5,8 @@
 Three stages, all seeded, on CPU with 2 threads:
 
 1. a small ``AutoencoderKL`` (16x16x3 images <-> 8x8x4 latents) trained on the training split;
-2. the latents of the training split, scaled to unit variance (``vae.config.scaling_factor``);
+2. the latents of the training split, standardised per channel; the shift and scale are folded exactly into the VAE's
+   1x1 ``quant_conv`` / ``post_quant_conv`` (PixArt's pipeline has no ``shift_factor``), so ``scaling_factor`` is 1;
 3. a tiny ``T5EncoderModel`` and a 28-block ``PixArtTransformer2DModel`` trained jointly with the epsilon-prediction
    objective (linear betas 1e-4..0.02, 1000 steps, min-SNR-5 weighting, 10 % caption dropout for classifier-free
    guidance, EMA of the weights).
@@ -64,7 +65,7 @@ def build_vae():
                          latent_channels=LATENT_CHANNELS, norm_num_groups=16, sample_size=IMAGE_SIZE)
 
 
-def build_transformer():
+def build_transformer(zero_init_cross_attention: bool = True):
     from diffusers import PixArtTransformer2DModel
 
     model = PixArtTransformer2DModel(
@@ -76,7 +77,8 @@ def build_transformer():
     # DiT-style identity start: every block's output projections and the final projection start at zero.
     with torch.no_grad():
         for block in model.transformer_blocks:
-            for lin in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
+            outs = (block.attn1.to_out[0], block.ff.net[2]) + ((block.attn2.to_out[0],) if zero_init_cross_attention else ())
+            for lin in outs:
                 lin.weight.zero_()
                 lin.bias.zero_()
         model.proj_out.weight.zero_()
@@ -84,12 +86,12 @@ def build_transformer():
     return model
 
 
-def build_scheduler():
+def build_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                                        beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2,
-                                       prediction_type="epsilon", lower_order_final=True)
+                                       prediction_type=prediction_type, lower_order_final=True)
 
 
 def _to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -126,6 +128,26 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     return post.mode(), {"vae_psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12)), "vae_final_rec_loss": rec_loss.item()}
 
 
+@torch.no_grad()
+def standardize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Fold per-channel standardisation of the latents into the VAE's 1x1 quant convs (exact; no shift_factor).
+
+    PixArt's pipeline only divides by ``scaling_factor``; it has no shift. These latents have a large mean offset, so
+    the encoder's ``quant_conv`` is rewritten to emit (z - m) / s per channel and ``post_quant_conv`` to undo it. The
+    VAE's input/output mapping is unchanged; ``scaling_factor`` stays 1.0.
+    """
+    c = latents.shape[1]
+    m = latents.mean(dim=(0, 2, 3))
+    s = latents.std(dim=(0, 2, 3))
+    qc, pq = vae.quant_conv, vae.post_quant_conv
+    qc.weight[:c] /= s.view(-1, 1, 1, 1)
+    qc.bias[:c] = (qc.bias[:c] - m) / s
+    qc.bias[c:] -= 2 * torch.log(s)
+    pq.bias += pq.weight[:, :, 0, 0] @ m
+    pq.weight *= s.view(1, -1, 1, 1)
+    return (latents - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+
+
 class _EMA:
     def __init__(self, modules, decay: float):
         self.decay = decay
@@ -141,13 +163,15 @@ class _EMA:
 
 
 def train_diffusion(transformer, text_encoder, tokenizer, latents, labels, steps, batch_size, lr, seed,
-                    cfg_dropout=0.1, ema_decay=0.999, min_snr_gamma=5.0, on_checkpoint=None, checkpoint_every=0):
+                    cfg_dropout=0.1, ema_decay=0.999, min_snr_gamma=5.0, on_checkpoint=None, checkpoint_every=0,
+                    prediction_type="epsilon"):
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    weight_t = torch.clamp(snr, max=min_snr_gamma) / snr  # min-SNR weighting for epsilon prediction
+    # min-SNR weighting (Hang et al. 2023): min(snr, gamma)/snr for epsilon, min(snr, gamma)/(snr + 1) for v.
+    weight_t = torch.clamp(snr, max=min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
     # Every caption is tokenised once, exactly as the pipeline does it (padding to MAX_SEQUENCE_LENGTH).
     captions = [""] + [caption_for(d, t) for d in range(10) for t in range(len(TEMPLATES))]
@@ -181,7 +205,8 @@ def train_diffusion(transformer, text_encoder, tokenizer, latents, labels, steps
         emb = text_encoder(ids, attention_mask=mask)[0]
         pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t,
                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (per * weight_t[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -207,7 +232,7 @@ def _fix_tokenizer_class(out: Path):
     patch_tokenizer_class(out / "tokenizer")
 
 
-def save_pipeline(out, tokenizer, text_encoder, vae, transformer):
+def save_pipeline(out, tokenizer, text_encoder, vae, transformer, prediction_type="epsilon"):
     """Write the pipeline with ``save_pretrained`` (fp16 transformer and VAE, fp32 text encoder)."""
     from diffusers import PixArtAlphaPipeline
 
@@ -215,7 +240,7 @@ def save_pipeline(out, tokenizer, text_encoder, vae, transformer):
     out.mkdir(parents=True, exist_ok=True)
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=copy.deepcopy(text_encoder).float(),
                                vae=copy.deepcopy(vae).half(), transformer=copy.deepcopy(transformer).half(),
-                               scheduler=build_scheduler())
+                               scheduler=build_scheduler(prediction_type))
     pipe.save_pretrained(out, safe_serialization=True)
     _fix_tokenizer_class(out)
 
@@ -232,6 +257,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="also write the EMA pipeline to --out every N steps (to evaluate while training)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.add_argument("--vae-from", help="reuse the VAE of an earlier run of this script (a pipeline folder) instead of "
+                                      "training it again; same seed and settings give the same VAE")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -242,13 +270,27 @@ def main(argv=None):
 
     images, labels = load_split("train")
     tokenizer = build_tokenizer()
-    vae = build_vae()
-    latents, info = train_vae(vae, images, args.vae_steps, args.batch_size, args.vae_lr, args.seed, args.kl_weight)
-    scale = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", dtype=torch.float32).eval()
+        with torch.no_grad():
+            latents = vae.encode(_to_unit(images)).latent_dist.mode()
+        info = json.loads((Path(args.vae_from) / "training.json").read_text())
+        info = {k: v for k, v in info.items() if k.startswith("vae")}
+        info["vae_from"] = str(args.vae_from)
+    else:
+        vae = build_vae()
+        latents, info = train_vae(vae, images, args.vae_steps, args.batch_size, args.vae_lr, args.seed,
+                                  args.kl_weight)
+        latents = standardize_latents(vae, latents)
+        vae.register_to_config(scaling_factor=1.0)
+    with torch.no_grad():  # the folded VAE must give the same images and the standardised latents
+        x = _to_unit(images[:256])
+        z = vae.encode(x).latent_dist.mode()
+        assert torch.allclose(z, latents[:256], atol=1e-3), "latent standardisation fold failed"
     info["vae_minutes"] = (time.perf_counter() - t0) / 60
-    print(f"vae: psnr {info['vae_psnr_db']:.1f} dB, scaling_factor {scale:.4f}")
+    print(f"vae: psnr {info['vae_psnr_db']:.1f} dB, latents standardised per channel (mean 0, std 1)")
 
     t1 = time.perf_counter()
     torch.manual_seed(args.seed + 1)
@@ -256,20 +298,21 @@ def main(argv=None):
     transformer = build_transformer()
 
     def checkpoint(step, transformer_ema, text_encoder_ema):
-        save_pipeline(args.out, tokenizer, text_encoder_ema, vae, transformer_ema)
+        save_pipeline(args.out, tokenizer, text_encoder_ema, vae, transformer_ema, args.prediction_type)
         (Path(args.out) / "training.json").write_text(json.dumps({"checkpoint_step": step, **info}, indent=2) + "\n")
         tqdm.write(f"checkpoint at step {step} written to {args.out}")
 
     transformer, text_encoder, dinfo = train_diffusion(transformer, text_encoder, tokenizer, latents, labels,
                                                        args.steps, args.batch_size, args.lr, args.seed,
-                                                       on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+                                                       on_checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
+                                                       prediction_type=args.prediction_type)
     info.update(dinfo)
     info["diffusion_minutes"] = (time.perf_counter() - t1) / 60
 
-    save_pipeline(args.out, tokenizer, text_encoder, vae, transformer)
+    save_pipeline(args.out, tokenizer, text_encoder, vae, transformer, args.prediction_type)
     info.update({"args": vars(args), "total_minutes": (time.perf_counter() - t0) / 60,
                  "train_images": len(images), "torch": torch.__version__})
-    (out / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    (Path(args.out) / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     print(json.dumps(info, indent=2, sort_keys=True))
 
 
