@@ -16,7 +16,7 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser"]
 
 # Verbs provided by the optional packages, imported only when present.
-_PLUGIN_MODULES = ("cachekit.eval.cli",)
+_PLUGIN_MODULES = ("cachekit.eval.cli", "cachekit.search.cli")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -114,22 +114,33 @@ class MacProfile:
         return self.per_component.clone()
 
 
+class _InputsCaptured(Exception):
+    """Raised by the capture hook to stop the pipeline once the transformer's first inputs are known."""
+
+
 def capture_transformer_inputs(pipe: Any, **call_kwargs: Any) -> tuple[tuple, dict]:
-    """Run the pipeline for one step and return the arguments its transformer was first called with.
+    """Start the pipeline and return the arguments its transformer is first called with, without denoising.
 
     This gives `MacProfile.measure` the exact shapes the user's settings produce (resolution, CFG batch, prompt length).
+    The call is stopped at the first transformer forward rather than run for one step: some pipelines special-case
+    `num_inference_steps=1` (PixArt indexes a second scheduler output that DPM-Solver does not return).
     """
     captured: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if "args" not in captured:
-            captured["args"], captured["kwargs"] = args, dict(kwargs)
+        captured["args"], captured["kwargs"] = args, dict(kwargs)
+        raise _InputsCaptured
 
     handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        call_kwargs = {**call_kwargs, "num_inference_steps": 1, "output_type": "latent"}
+        call_kwargs = {**call_kwargs, "output_type": "latent"}
+        call_kwargs.setdefault("num_inference_steps", 2)
         with torch.no_grad():
             pipe(**call_kwargs)
+    except _InputsCaptured:
+        pass
     finally:
         handle.remove()
+    if "args" not in captured:
+        raise RuntimeError(f"{type(pipe).__name__} finished without calling its transformer")
     return captured["args"], captured["kwargs"]

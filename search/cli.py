@@ -1,4 +1,8 @@
-"""`cachekit calibrate` and `cachekit solve`: argument parsing only; the work is in `calibrate.py` and `dp.py`."""
+"""`cachekit calibrate`, `cachekit solve` and `cachekit search`: argument parsing only.
+
+The work is in `calibrate.py` (reuse errors), `cachekit.policies.calibration` (runtime-policy fits), `dp.py` (the
+solver) and `run.py` (the genetic search seeded by heuristics and the solver).
+"""
 
 from __future__ import annotations
 
@@ -39,21 +43,45 @@ def _pipeline_args(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from cachekit.eval.prompts import load_prompts
-    from cachekit.zoo import DIGITS_DEFAULTS, load_pipeline
-
-    from .calibrate import calibrate
+def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline call settings: the bundled model's recommended ones, then --guidance-scale and --pipeline-arg."""
+    from cachekit.zoo import DIGITS_DEFAULTS
 
     call = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"} if args.model == "digits" else {}
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     call.update(_pipeline_args(args.pipeline_arg))
+    return call
+
+
+def _prompts_and_pipeline(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """The calibration prompts, then the pipeline: a bad prompt set fails before a large model is loaded."""
+    from cachekit.eval.prompts import load_prompts
+    from cachekit.zoo import load_pipeline
+
     prompts = load_prompts(args.prompt_set, args.prompts, args.prompt_seed).prompts
     if not prompts:
         raise ValueError(f"prompt set {args.prompt_set!r} has no prompts")
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
+    return list(prompts), pipe
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    call = _generation_settings(args)
+    prompts, pipe = _prompts_and_pipeline(args)
+    if args.policy is not None:
+        from cachekit.policies import calibrate_pipeline
+
+        fitted = calibrate_pipeline(args.policy, pipe, prompts, args.steps, seed=args.seed, **call)
+        fitted.details["model"] = args.model
+        fitted.save(args.out)
+        shown = {k: v for k, v in fitted.values.items() if not isinstance(v, (list, tuple)) or len(v) <= 6}
+        print(f"wrote {args.out}: {args.policy} for {fitted.model_class}, {args.steps} steps, fitted {shown}; "
+              f"use it as --schedule {args.policy}:calibration={args.out}")
+        return 0
     calibration = calibrate(
         pipe, prompts, args.steps, batch_size=args.batch_size, seed=args.seed, mode=args.mode,
         max_features=args.max_features, **call,
@@ -65,6 +93,47 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"wrote {args.out} (+ {args.out}.json): {calibration.model_class}, {args.steps} steps, {units} units, "
         f"{calibration.num_samples} samples from {len(prompts)} prompts on {calibration.meta['device']}, "
         f"in {calibration.meta['calibration_seconds']:.1f} s"
+    )
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .calibrate import Calibration, calibrate
+    from .genetic import SearchConfig
+    from .run import search_pipeline
+
+    config = SearchConfig(population=args.population, generations=args.generations, seed=args.search_seed,
+                          quality_floor=args.quality_floor)
+    if args.cost == "latency" and args.no_dp and args.calibration is None:
+        raise ValueError("--cost latency needs a calibration's latency table: drop --no-dp or give --calibration")
+    out = Path(args.out)
+    if not args.resume and (out / "checkpoint.pkl").exists():
+        raise ValueError(f"{out} holds a search checkpoint: pass --resume to continue it, or choose another --out")
+    call = _generation_settings(args)
+    prompts, pipe = _prompts_and_pipeline(args)
+    calibration = None
+    if args.calibration is not None:
+        calibration = Calibration.load(args.calibration)
+    elif not args.no_dp:
+        calibration_file = out / "calibration.pt"
+        if args.resume and calibration_file.exists():
+            calibration = Calibration.load(calibration_file)
+        else:
+            calibration = calibrate(pipe, prompts, args.steps, seed=args.seed, **call)
+            out.mkdir(parents=True, exist_ok=True)
+            calibration.save(calibration_file)
+    result = search_pipeline(
+        pipe, prompts, args.steps, out, config, calibration=calibration,
+        dp_budgets=() if args.no_dp else tuple(args.dp_budgets), cost=args.cost, resume=args.resume,
+        noise_seed=args.seed, **call,
+    )
+    best = result.history[-1]
+    print(
+        f"wrote {out / 'front.json'}, {len(result.front)} front schedules, front.png and summary.md: "
+        f"{result.evaluations} evaluations, hypervolume {result.history[0]['hypervolume']:.4g} (seeds) -> "
+        f"{best['hypervolume']:.4g}; quality {result.objectives['quality']}, cost {result.objectives['cost']}"
     )
     return 0
 
@@ -94,6 +163,28 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_args(parser: argparse.ArgumentParser, num_prompts: int) -> None:
+    """Model, prompts, seeds and pipeline settings, shared by `calibrate` and `search` so both run the same calls."""
+    parser.add_argument("--model", default="digits",
+                        help="bundled model name ('digits', the default) or a local diffusers pipeline folder")
+    parser.add_argument("--device", default=None, help="torch device to run and time on (default: cpu)")
+    parser.add_argument("--steps", type=_positive_int, default=20,
+                        help="denoising steps the schedule will run (default 20)")
+    parser.add_argument("--prompts", type=_positive_int, default=num_prompts,
+                        help=f"number of calibration prompts (default {num_prompts})")
+    parser.add_argument("--prompt-set", default="digits",
+                        help="prompt set: digits, coco[:PATH], parti[:PATH], ... or a .txt/.jsonl file "
+                             "(default digits)")
+    parser.add_argument("--prompt-seed", type=int, default=1,
+                        help="seed choosing the prompts (default 1, unlike evaluation's 0, so they differ)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the first prompt's noise; prompt k uses seed + k")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--pipeline-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra pipeline call setting, repeatable, e.g. --pipeline-arg height=512 "
+                             "(values read as JSON when possible)")
+
+
 def add_parser(subparsers: Any) -> None:
     """Add the `calibrate` and `solve` verbs to the `cachekit` command's subparsers."""
     cal = subparsers.add_parser(
@@ -106,17 +197,11 @@ def add_parser(subparsers: Any) -> None:
             "Use the step count and pipeline settings you will generate with: errors depend on them."
         ),
     )
-    cal.add_argument("--model", default="digits",
-                     help="bundled model name ('digits', the default) or a local diffusers pipeline folder")
-    cal.add_argument("--device", default=None, help="torch device to calibrate and time on (default: cpu)")
-    cal.add_argument("--steps", type=_positive_int, default=20,
-                     help="denoising steps the schedule will run (default 20)")
-    cal.add_argument("--prompts", type=_positive_int, default=8, help="number of calibration prompts (default 8)")
-    cal.add_argument("--prompt-set", default="digits",
-                     help="prompt set: digits, coco[:PATH], parti[:PATH], ... or a .txt/.jsonl file (default digits)")
-    cal.add_argument("--prompt-seed", type=int, default=1,
-                     help="seed choosing the prompts (default 1, unlike evaluation's 0, so they differ)")
-    cal.add_argument("--seed", type=int, default=0, help="seed of the first prompt's noise; prompt k uses seed + k")
+    cal.add_argument("--policy", choices=["teacache", "magcache", "first-block"], default=None,
+                     help="fit a runtime policy's coefficients (TeaCache polynomial, MagCache ratios, first-block "
+                          "threshold) for this model and step count instead of the solver's reuse errors; the file "
+                          "is then used as --schedule POLICY:calibration=FILE")
+    _add_run_args(cal, num_prompts=8)
     cal.add_argument("--batch-size", type=_positive_int, default=None,
                      help="prompts per pipeline call (default: all at once)")
     cal.add_argument("--mode", choices=["component", "block"], default="component",
@@ -124,10 +209,6 @@ def add_parser(subparsers: Any) -> None:
     cal.add_argument("--max-features", type=_positive_int, default=65536,
                      help="compare at most this many random output coordinates per unit and row (bounds memory on "
                           "large models; default 65536)")
-    cal.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    cal.add_argument("--pipeline-arg", action="append", default=[], metavar="KEY=VALUE",
-                     help="extra pipeline call setting, repeatable, e.g. --pipeline-arg height=512 "
-                          "(values read as JSON when possible)")
     cal.add_argument("--out", required=True, help="calibration file to write (a readable OUT.json is written beside)")
     cal.set_defaults(handler=_cmd_calibrate)
 
@@ -167,3 +248,34 @@ def add_parser(subparsers: Any) -> None:
                      help="Bubbling Union for the K most volatile feed-forward units (BAC's selection)")
     sol.add_argument("--out", required=True, help="schedule JSON to write")
     sol.set_defaults(handler=_cmd_solve)
+
+    search = subparsers.add_parser(
+        "search",
+        help="learn a Pareto front of schedules (quality against cost) with NSGA-II, seeded by heuristics and DP",
+        description=(
+            "Calibrate once (unless --calibration or --no-dp), solve DP schedules at several budgets, seed NSGA-II "
+            "with them and with FORA / Delta-DiT / TGATE, then evolve schedules judged in-process on the "
+            "calibration prompts: quality is PSNR of the final images against the uncached model's (same seeds), "
+            "cost is the predicted MAC ratio or, with --cost latency, the latency measured during calibration. "
+            "Writes OUT/front.json, one schedule file per front point (named by predicted speedup), front.png, "
+            "summary.md and a checkpoint every generation (continue a killed run with --resume)."
+        ),
+    )
+    _add_run_args(search, num_prompts=8)
+    search.add_argument("--population", type=_positive_int, default=24,
+                        help="individuals per generation, a multiple of 4 (default 24)")
+    search.add_argument("--generations", type=int, default=10, help="generations after the seeded one (default 10)")
+    search.add_argument("--search-seed", type=int, default=0,
+                        help="seed of the search's own randomness; the same seed gives the same front (default 0)")
+    search.add_argument("--cost", choices=["macs", "latency"], default="macs",
+                        help="cost objective: predicted MAC ratio, or latency from the calibration (default macs)")
+    search.add_argument("--calibration", default=None,
+                        help="calibration file from `cachekit calibrate` (default: calibrate now, saved in OUT)")
+    search.add_argument("--no-dp", action="store_true", help="no calibration and no DP seeds (heuristic seeds only)")
+    search.add_argument("--dp-budgets", type=_fraction, nargs="+", default=[0.25, 0.35, 0.5, 0.7],
+                        metavar="FRACTION", help="cost budgets of the DP seeds (default 0.25 0.35 0.5 0.7)")
+    search.add_argument("--quality-floor", type=float, default=15.0,
+                        help="hypervolume reference quality in dB PSNR (default 15)")
+    search.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT")
+    search.add_argument("--out", required=True, help="output folder")
+    search.set_defaults(handler=_cmd_search)

@@ -58,7 +58,9 @@ def resolve_plan(spec: str, transformer: nn.Module, num_steps: int) -> Any:
 
     if spec.lower() == "none":
         return None
-    if spec.endswith(".json") or os.path.exists(spec):
+    name, _, rest = spec.partition(":")
+    is_policy = name in STATIC_POLICIES or name in RUNTIME_POLICIES  # 'teacache:calibration=t.json' is no file
+    if not is_policy and (spec.endswith(".json") or os.path.exists(spec)):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"schedule or calibration file not found: {spec}")
         with open(spec) as f:
@@ -69,7 +71,6 @@ def resolve_plan(spec: str, transformer: nn.Module, num_steps: int) -> Any:
             calibration = PolicyCalibration.load(spec)
             return runtime_policy(calibration.policy, calibration)
         raise ValueError(f"{spec} is neither a cachekit schedule nor a policy calibration")
-    name, _, rest = spec.partition(":")
     options = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
