@@ -25,6 +25,8 @@ def _verbs(parser):
 def test_every_verb_has_help(capsys):
     verbs = list(_verbs(build_parser()))
     assert ["generate"] in verbs and ["schedule", "show"] in verbs and ["schedule", "resample"] in verbs
+    for verb in ("eval", "calibrate", "solve", "search"):
+        assert [verb] in verbs
     for verb in verbs:
         with pytest.raises(SystemExit) as exit_info:
             main([*verb, "--help"])
