@@ -1,8 +1,11 @@
 """Measures: FID/KID/CLIP/PSNR/SSIM/LPIPS, prompt sets, latency and MACs, reports, sharded over processes.
 
-    from cachekit.eval import evaluate, MetricConfig, digits_prompts
+    from cachekit.eval import evaluate, run_bench, MetricConfig, digits_prompts
     report = evaluate(pipe, {"fora2": schedule}, digits_prompts(40), 20, MetricConfig(["fid", "clip", "psnr"]),
                       "out/", default_reference="digits-heldout")
+
+    bench = run_bench(pipe, digits_prompts(40), 20, "fid,clip,psnr", "bench-out",  # every method side by side
+                      default_reference="digits-heldout")
 
 Names are imported on first use, so `cachekit --help` does not pay for torchmetrics and open_clip.
 """
@@ -15,6 +18,9 @@ from typing import Any
 _EXPORTS = {
     "evaluate": "runner",
     "generate": "runner",
+    "Variant": "runner",
+    "run_bench": "bench",
+    "POLICY_SWEEPS": "bench",
     "MetricConfig": "suite",
     "MetricFactory": "suite",
     "MetricSuite": "suite",

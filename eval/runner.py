@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,9 +25,24 @@ from .prompts import PromptSet
 from .report import write_report
 from .suite import MetricConfig, MetricFactory, MetricSuite, parse_metric_names
 
-__all__ = ["UNCACHED", "evaluate", "generate", "describe_plan"]
+__all__ = ["UNCACHED", "Variant", "evaluate", "generate", "describe_plan"]
 
 UNCACHED = "uncached"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A configuration that runs on its own pipeline instead of `evaluate`'s `pipe` (optionally with a plan on it).
+
+    Why: a peer cache (diffusers' hooks, cache-dit) lives on a fresh copy of the transformer, never stacked with
+    another, yet its images must come from the same prompts and seeds and its latency must be timed interleaved with
+    the uncached model. So it is one more configuration of the same run that carries its pipeline. `info` is what the
+    report says about it (JSON-ready: which peer, which knob, its configuration).
+    """
+
+    pipe: Any
+    plan: Any = None
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def generate(
@@ -62,6 +78,11 @@ def describe_plan(plan: Any) -> dict[str, Any]:
 
     if plan is None:
         return {"kind": "uncached"}
+    if isinstance(plan, Variant):
+        described = {"kind": "variant", "pipeline": type(plan.pipe).__name__, **plan.info}
+        if plan.plan is not None:
+            described["plan"] = describe_plan(plan.plan)
+        return described
     if isinstance(plan, Schedule):
         return {
             "kind": "schedule",
@@ -114,8 +135,8 @@ def evaluate(
 
     Args:
         pipe: a diffusers pipeline (already on its device).
-        schedules: name -> `cachekit.Schedule`, runtime policy, or None (None is the uncached model, which is always
-            evaluated, under the name "uncached").
+        schedules: name -> `cachekit.Schedule`, runtime policy, `Variant` (its own pipeline, e.g. a peer cache on a
+            transformer copy), or None (None is the uncached model, always evaluated, under the name "uncached").
         prompts: a `PromptSet` or plain prompts; prompt i always uses seed `base_seed + i`.
         num_steps: denoising steps for every configuration.
         metrics: metric names ("fid,kid,clip,psnr,ssim,lpips,imagereward"), a `MetricConfig`, or a `MetricFactory`
@@ -151,8 +172,10 @@ def evaluate(
             "use more prompts, a smaller --batch-size, or fewer processes"
         )
     pipe_kwargs = dict(pipe_kwargs or {})
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # one progress bar for the whole evaluation instead
+    targets = {name: _target(pipe, plan) for name, plan in plans.items()}  # name -> (pipeline, plan on it)
+    for target_pipe, _ in targets.values():
+        if hasattr(target_pipe, "set_progress_bar_config"):
+            target_pipe.set_progress_bar_config(disable=True)  # one progress bar for the whole evaluation instead
 
     factory = _factory(metrics, dist, default_reference)
     suites: dict[str, MetricSuite] = {name: factory.suite(include_fidelity=name != UNCACHED) for name in plans}
@@ -165,8 +188,8 @@ def evaluate(
         batch_prompts = [prompt_set.prompts[i] for i in idx]
         seeds = [base_seed + i for i in idx]
         baseline = None
-        for name, plan in plans.items():
-            images = generate(pipe, plan, batch_prompts, seeds, num_steps, pipe_kwargs)
+        for name, (target_pipe, plan) in targets.items():
+            images = generate(target_pipe, plan, batch_prompts, seeds, num_steps, pipe_kwargs)
             if baseline is None:
                 baseline = images
             suites[name].update(images, batch_prompts, None if name == UNCACHED else baseline)
@@ -194,8 +217,8 @@ def evaluate(
         lat_n = min(latency_batch_size or batch_size, n)
         lat_prompts, lat_seeds = prompt_set.prompts[:lat_n], [base_seed + i for i in range(lat_n)]
         calls = {
-            name: (lambda p=plan: generate(pipe, p, lat_prompts, lat_seeds, num_steps, pipe_kwargs))
-            for name, plan in plans.items()
+            name: (lambda t=target, p=plan: generate(t, p, lat_prompts, lat_seeds, num_steps, pipe_kwargs))
+            for name, (target, plan) in targets.items()
         }
         if latency:
             stats = measure_interleaved(calls, batch_size=lat_n, num_steps=num_steps, warmup=warmup,
@@ -222,6 +245,11 @@ def evaluate(
         write_report(report, out, grid_columns, prompt_set.prompts[:grid_samples])
     dist.barrier()
     return report
+
+
+def _target(pipe: Any, plan: Any) -> tuple[Any, Any]:
+    """(pipeline, plan applied on it) of one configuration: a `Variant` brings its own pipeline."""
+    return (plan.pipe, plan.plan) if isinstance(plan, Variant) else (pipe, plan)
 
 
 def _assemble(prompt_set, plans, values, metrics_info, timing, num_steps, base_seed, batch_size, pipe_kwargs,
