@@ -89,11 +89,11 @@ def speed(pipe, n=40, repeats=3):
     return statistics.median(times), min(times)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# FID HOOK: the evaluation package (cachekit.eval) owns FID. This benchmark never computes FID itself.
-# ----------------------------------------------------------------------------------------------------------------------
-def fid_against_heldout(generated_uint8: torch.Tensor):
-    """FID of generated images vs the held-out split via ``cachekit.eval.fid.FID``; None (and a reason) if unavailable."""
+def fid_against_heldout(images_uint8: torch.Tensor):
+    """FID of images vs the held-out split with cachekit.eval's FID (real Inception); None and a reason if unavailable.
+
+    The evaluation package owns FID, so this benchmark only calls it; it still runs where cachekit[eval] is absent.
+    """
     try:
         from cachekit.eval.fid import FID
     except Exception as e:  # noqa: BLE001 - any import problem means "not available"
@@ -102,7 +102,7 @@ def fid_against_heldout(generated_uint8: torch.Tensor):
         held, _ = load_split("heldout")
         metric = FID()
         metric.update(held, real=True)
-        metric.update(generated_uint8, real=False)
+        metric.update(images_uint8, real=False)
         return float(metric.compute()), None
     except Exception as e:  # noqa: BLE001 - e.g. Inception weights missing on this machine
         return None, f"cachekit.eval FID failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -149,6 +149,11 @@ def main(argv=None):
     fid, why = fid_against_heldout(images)
     res["fid_vs_heldout"] = fid
     print(f"FID (200 generated vs 364 held-out): {fid:.2f}" if fid is not None else f"FID: skipped ({why})")
+    train, _ = load_split("train")
+    floor, why = fid_against_heldout(train)
+    res["fid_train_vs_heldout"] = floor
+    print(f"FID floor (1433 real train digits vs 364 held-out): {floor:.2f}" if floor is not None
+          else f"FID floor: skipped ({why})")
 
     folder = Path(pipe.config._name_or_path) if hasattr(pipe.config, "_name_or_path") else None
     from cachekit.zoo import clip_path, pipeline_path
