@@ -28,7 +28,7 @@ from torch import nn
 
 from .registry import ModelLayout, ModelSpec
 from .schedule import ScheduleError
-from .state import CacheStats, RowCache, StepRows, map_tensors, merge_rows, take_rows
+from .state import CacheStats, RowCache, StepRows, map_tensors, merge_rows
 
 __all__ = [
     "CachePlan",

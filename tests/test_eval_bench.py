@@ -14,7 +14,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import cachekit
 from cachekit.cli import main as cachekit_main
@@ -29,15 +28,6 @@ STEPS = 4
 PIPE_KWARGS = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"}
 MISSING = dataclasses.replace(get_peer("cache-dit.dbcache-taylorseer"),
                               requires=("cachekit_no_such_package:enable_cache",))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny CPU ops are faster that way on a shared 2-core machine; no number depends on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,6 @@ from cachekit.eval.weights import MissingWeightsError
 from cachekit.zoo.digits_data import caption_for, load_split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine small CPU ops run several times faster that way (thread
-    hand-offs cost more than they gain); no number here depends on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits_clip():
     return load_clip_model("digits")

@@ -29,16 +29,6 @@ from cachekit.zoo.digits_data import load_split
 N = 16  # images per set
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine small CPU ops run several times faster that way (thread
-    hand-offs cost more than they gain); no number here depends on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _SeenBefore(FeatureExtractor):
     """The real Inception, run once per distinct image: tests feed the same sets to several metrics."""
 

@@ -36,14 +36,6 @@ WORDS = ["a", "the", "digit", "handwritten", "number", "three", "seven", "3", "7
 DIGITS = Path(__file__).resolve().parents[1] / "cachekit" / "zoo" / "digits" / "model_index.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and robust to a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import cachekit
 from cachekit.eval.cli import main as eval_main
@@ -26,16 +25,6 @@ from cachekit.zoo import DIGITS_DEFAULTS, load_pipeline
 
 STEPS = 4
 PIPE_KWARGS = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine small CPU ops run several times faster that way (thread
-    hand-offs cost more than they gain); no number here depends on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from cachekit import Schedule
 from cachekit.cli import main
@@ -13,14 +12,6 @@ from cachekit.policies import PolicyCalibration, resolve_plan
 from cachekit.zoo import load_pipeline
 
 SMALL = ["--steps", "4", "--prompts", "2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

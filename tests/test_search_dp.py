@@ -305,16 +305,13 @@ def test_bubbling_threshold_selects_volatile_feed_forwards_within_budget():
 # ---------------------------------------------------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def pixart():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and robust to a busy machine
     model = build(PIXART)
     scheduler = TINY_MODELS[PIXART].scheduler()
     calib = calibrate_transformer(
         model, lambda: denoise(model, TINY_MODELS[PIXART], num_steps=8, batch=2, scheduler=scheduler), 8,
         scheduler=scheduler, progress=False,
     )
-    yield model, scheduler, calib
-    torch.set_num_threads(threads)
+    return model, scheduler, calib
 
 
 def test_solved_schedule_runs_with_the_predicted_macs(pixart, tmp_path):

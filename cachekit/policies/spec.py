@@ -2,6 +2,7 @@
 
     none                               the uncached model
     fora3.json                         a schedule file (or a policy calibration file: the policy it fits)
+    digits-fast                        a schedule shipped with a bundled model (`cachekit.zoo.shipped_schedules()`)
     fora:interval=3                    a static policy's schedule, built for the model and step count
     teacache:threshold=0.2,calibration=teacache.json
 """
@@ -56,8 +57,13 @@ def resolve_plan(spec: str, transformer: nn.Module, num_steps: int) -> Any:
     """Turn a plan spec into a `Schedule`, a runtime policy, or None (uncached)."""
     from . import static_schedule, STATIC_POLICIES
 
+    from ..zoo import shipped_schedules
+
     if spec.lower() == "none":
         return None
+    shipped = shipped_schedules()
+    if spec in shipped and not os.path.exists(spec):
+        return Schedule.load(shipped[spec])
     name, _, rest = spec.partition(":")
     is_policy = name in STATIC_POLICIES or name in RUNTIME_POLICIES  # 'teacache:calibration=t.json' is no file
     if not is_policy and (spec.endswith(".json") or os.path.exists(spec)):

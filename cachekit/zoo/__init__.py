@@ -26,11 +26,14 @@ __all__ = [
     "clip_checkpoint",
     "register_clip",
     "load_clip",
+    "shipped_schedules",
+    "schedule_path",
 ]
 
 _HERE = Path(__file__).resolve().parent
 _PIPELINES = {"digits": _HERE / "digits"}
 _CLIPS = {"digits": _HERE / "digits_clip"}
+_SCHEDULES = _HERE / "schedules"
 
 #: Recommended generation settings for the digits pipeline: pass them as ``pipe(prompt, **DIGITS_DEFAULTS)``.
 #: ``use_resolution_binning=False`` is required: PixArt's binning only knows its 256/512/1024 sample sizes and raises
@@ -191,3 +194,20 @@ def load_clip(name: str = "digits", device=None) -> Tuple[Any, Callable, Callabl
         tokenizer = open_clip.get_tokenizer(arch)
     model.eval()
     return model, preprocess, tokenizer
+
+
+def shipped_schedules() -> Dict[str, Path]:
+    """Searched schedules shipped with the bundled models, by name (``"digits-lossless"``, ``"digits-fast"``, ...).
+
+    Each was found by ``cachekit search`` and measured on held-out prompts and seeds (its ``measured`` metadata and
+    ``docs/benchmarks.md`` say how); a name is accepted wherever a schedule file is, e.g. ``--schedule digits-fast``.
+    """
+    return {path.stem: path for path in sorted(_SCHEDULES.glob("*.json"))}
+
+
+def schedule_path(name: str) -> Path:
+    """The file of a shipped schedule; unknown names list the shipped ones."""
+    shipped = shipped_schedules()
+    if name not in shipped:
+        raise ModelNotFoundError(f"no shipped schedule {name!r}; shipped: {', '.join(shipped) or 'none'}")
+    return shipped[name]

@@ -11,7 +11,7 @@ The held-out split is never used for training: it is kept for evaluation (FID re
 from __future__ import annotations
 
 import random
-from typing import List, Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,47 @@
+"""The searched schedules shipped for the digits model: valid for it, labelled with what was measured, and usable by
+name wherever a schedule file is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cachekit
+from cachekit import Schedule
+from cachekit.policies import resolve_plan
+from cachekit.zoo import DIGITS_DEFAULTS, ModelNotFoundError, load_pipeline, schedule_path, shipped_schedules
+
+NAMES = ("digits-lossless", "digits-fast", "digits-fastest")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = load_pipeline("digits")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_three_shipped_schedules_fit_the_digits_model_and_say_what_was_measured(pipe):
+    shipped = shipped_schedules()
+    assert set(NAMES) <= set(shipped)
+    costs = []
+    for name in NAMES:
+        schedule = Schedule.load(shipped[name])
+        schedule.validate_for(pipe.transformer, DIGITS_DEFAULTS["num_inference_steps"])
+        assert schedule.provenance["method"] == "search"
+        assert {"speedup", "psnr", "fid"} <= set(schedule.measured["heldout"])
+        costs.append(schedule.predicted_cost["mac_ratio"])
+    assert costs == sorted(costs, reverse=True)  # lossless costs most, fastest least
+
+
+def test_a_shipped_name_is_a_plan(pipe, capsys):
+    plan = resolve_plan("digits-fast", pipe.transformer, 20)
+    assert plan == Schedule.load(schedule_path("digits-fast"))
+    with pytest.raises(ModelNotFoundError, match="shipped: digits-fast"):
+        schedule_path("digits-nope")
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with cachekit.cached(pipe, plan):
+        images = pipe(["a handwritten 3", "the digit seven"], generator=gens, output_type="pt",
+                      **DIGITS_DEFAULTS).images
+        stats = cachekit.sessions(pipe)[0].stats
+    assert images.shape == (2, 3, 16, 16) and stats.reuse_fraction > 0.3
