@@ -24,12 +24,19 @@ def main() -> None:
     parser.add_argument("bench", help="bench.json from `cachekit bench` that evaluated the front schedules")
     parser.add_argument("--front", required=True, help="the `cachekit search` output folder")
     parser.add_argument("--ship", nargs="+", required=True, metavar="NAME=STEM")
+    parser.add_argument("--latency-bench", default=None,
+                        help="a second bench.json that timed the same schedules at another batch size: its speedup "
+                             "is recorded too, as speedup_at_batch_<N>")
     parser.add_argument("--out", default=str(SHIPPED), help="where shipped schedules live")
     args = parser.parse_args()
 
     report = json.loads(Path(args.bench).read_text())
     rows = {row["name"]: row for row in report["rows"]}
     uncached = next(row for row in report["rows"] if row["kind"] == "uncached")
+    timed = None
+    if args.latency_bench:
+        second = json.loads(Path(args.latency_bench).read_text())
+        timed = (second["latency_protocol"]["batch_size"], {row["name"]: row for row in second["rows"]})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for item in args.ship:
         name, _, stem = item.partition("=")
@@ -51,10 +58,15 @@ def main() -> None:
                 "device": report.get("device"),
             },
         }
+        if timed is not None:
+            batch, timed_rows = timed
+            if stem not in timed_rows:
+                raise SystemExit(f"{stem} is not a row of {args.latency_bench}")
+            schedule.measured["heldout"][f"speedup_at_batch_{batch}"] = timed_rows[stem]["speedup"]
         path = Path(args.out) / f"{name}.json"
         schedule.save(path)
         shown = ", ".join(f"{k} {v:.3g}" for k, v in row["metrics"].items() if isinstance(v, (int, float)))
-        print(f"wrote {path}: {stem}, speedup {row['speedup']:.2f}x, MAC ratio {row['macs_ratio']:.3f}, {shown}")
+        print(f"wrote {path}: {stem}, {json.dumps({k: v for k, v in schedule.measured['heldout'].items() if 'speedup' in k})}, MAC ratio {row['macs_ratio']:.3f}, {shown}")
 
 
 if __name__ == "__main__":

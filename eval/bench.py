@@ -1,7 +1,8 @@
 """`cachekit bench`: every method side by side on the same model, prompts and seeds, against the uncached model.
 
 One table answers "which cache should I use on this model": the uncached model; cachekit's policies, each swept over
-its main knob (static FORA, Delta-DiT, TGATE; runtime TeaCache, MagCache, first-block, calibrated on the model first);
+its main knob (static FORA, Delta-DiT, TGATE; runtime TeaCache, MagCache, first-block, calibrated on the model first;
+and, for reference, uniform step-skipping: the uncached model at 1/2 and 1/3 of the steps);
 any extra schedules (searched ones); and the peers users already have (diffusers' caches, cache-dit), each on its own
 fresh transformer copy. Everything is one `evaluate` run: the same prompts and seeds, the same metrics, latency
 timed interleaved with the uncached model, so every speedup is measured against the same baseline at the same time.
@@ -92,6 +93,9 @@ POLICY_SWEEPS: tuple[PolicySweep, ...] = (
                 lambda b, s, c: (0.02, 0.06, 0.12), runtime=True),
     PolicySweep("first-block", "threshold", "first-block cache: skip while the first block's residual holds "
                 "(thresholds: the calibrated quartiles of its change)", _first_block_thresholds, runtime=True),
+    PolicySweep("steps", "num_inference_steps", "uniform step-skipping, for reference: the uncached model run with "
+                "fewer denoising steps (1/2 and 1/3 of them), the baseline every cache has to beat",
+                lambda b, s, c: tuple(dict.fromkeys(max(1, s // k) for k in (2, 3)))),
 )
 
 
@@ -156,7 +160,11 @@ def _policy_plans(sweeps: Sequence[PolicySweep], knobs: Mapping[str, Sequence], 
             values = tuple(knobs.get(sweep.family) or sweep.values(num_blocks, steps, calibration))
             family: list[tuple[dict, Any]] = []
             for value in values:
-                if sweep.runtime:
+                if sweep.family == "steps":
+                    if not 1 <= int(value) < steps:
+                        raise ValueError(f"fewer steps means 1 to {steps - 1}, not {value}")
+                    plan = Variant(pipe, None, {"kind": "steps"}, num_steps=int(value))
+                elif sweep.runtime:
                     plan = runtime_policy(sweep.family, calibration, **{sweep.knob: value})
                 else:
                     options = {sweep.knob: value, **sweep.options(num_blocks, steps)}

@@ -43,6 +43,9 @@ class Variant:
     pipe: Any
     plan: Any = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    num_steps: int | None = None
+    """Denoising steps of this configuration instead of the evaluation's (uniform step-skipping: the reference any
+    cache must beat is simply running fewer steps)."""
 
 
 def generate(
@@ -80,6 +83,8 @@ def describe_plan(plan: Any) -> dict[str, Any]:
         return {"kind": "uncached"}
     if isinstance(plan, Variant):
         described = {"kind": "variant", "pipeline": type(plan.pipe).__name__, **plan.info}
+        if plan.num_steps is not None:
+            described["num_steps"] = plan.num_steps
         if plan.plan is not None:
             described["plan"] = describe_plan(plan.plan)
         return described
@@ -172,8 +177,8 @@ def evaluate(
             "use more prompts, a smaller --batch-size, or fewer processes"
         )
     pipe_kwargs = dict(pipe_kwargs or {})
-    targets = {name: _target(pipe, plan) for name, plan in plans.items()}  # name -> (pipeline, plan on it)
-    for target_pipe, _ in targets.values():
+    targets = {name: _target(pipe, plan, num_steps) for name, plan in plans.items()}  # -> (pipeline, plan, steps)
+    for target_pipe, _, _ in targets.values():
         if hasattr(target_pipe, "set_progress_bar_config"):
             target_pipe.set_progress_bar_config(disable=True)  # one progress bar for the whole evaluation instead
 
@@ -188,8 +193,8 @@ def evaluate(
         batch_prompts = [prompt_set.prompts[i] for i in idx]
         seeds = [base_seed + i for i in idx]
         baseline = None
-        for name, (target_pipe, plan) in targets.items():
-            images = generate(target_pipe, plan, batch_prompts, seeds, num_steps, pipe_kwargs)
+        for name, (target_pipe, plan, steps) in targets.items():
+            images = generate(target_pipe, plan, batch_prompts, seeds, steps, pipe_kwargs)
             if baseline is None:
                 baseline = images
             suites[name].update(images, batch_prompts, None if name == UNCACHED else baseline)
@@ -217,8 +222,8 @@ def evaluate(
         lat_n = min(latency_batch_size or batch_size, n)
         lat_prompts, lat_seeds = prompt_set.prompts[:lat_n], [base_seed + i for i in range(lat_n)]
         calls = {
-            name: (lambda t=target, p=plan: generate(t, p, lat_prompts, lat_seeds, num_steps, pipe_kwargs))
-            for name, (target, plan) in targets.items()
+            name: (lambda t=target, p=plan, k=steps: generate(t, p, lat_prompts, lat_seeds, k, pipe_kwargs))
+            for name, (target, plan, steps) in targets.items()
         }
         if latency:
             stats = measure_interleaved(calls, batch_size=lat_n, num_steps=num_steps, warmup=warmup,
@@ -247,9 +252,11 @@ def evaluate(
     return report
 
 
-def _target(pipe: Any, plan: Any) -> tuple[Any, Any]:
-    """(pipeline, plan applied on it) of one configuration: a `Variant` brings its own pipeline."""
-    return (plan.pipe, plan.plan) if isinstance(plan, Variant) else (pipe, plan)
+def _target(pipe: Any, plan: Any, num_steps: int) -> tuple[Any, Any, int]:
+    """(pipeline, plan applied on it, steps) of one configuration: a `Variant` brings its own pipeline and steps."""
+    if isinstance(plan, Variant):
+        return plan.pipe, plan.plan, plan.num_steps or num_steps
+    return pipe, plan, num_steps
 
 
 def _assemble(prompt_set, plans, values, metrics_info, timing, num_steps, base_seed, batch_size, pipe_kwargs,

@@ -41,7 +41,7 @@ def bench(pipe, tmp_path_factory):
     config = MetricConfig(names=["fid", "clip", "psnr"], fid_features="clip", clip_model="digits")
     report = run_bench(
         pipe, digits_prompts(2), STEPS, config, out,
-        policies=["fora", "teacache"], policy_knobs={"fora": (2,), "teacache": (0.4,)},
+        policies=["fora", "teacache", "steps"], policy_knobs={"fora": (2,), "teacache": (0.4,), "steps": (2,)},
         schedules={"full": cachekit.Schedule.full(pipe.transformer, STEPS)},
         peers=["diffusers.fbcache", "diffusers.pab", "cache-dit.dbcache", MISSING],
         peer_knobs={"diffusers.fbcache": (0.0,), "diffusers.pab": (2,), "cache-dit.dbcache": (0.24,)},
@@ -58,7 +58,7 @@ def test_rows_cover_every_method_in_order(bench):
     report, _ = bench
     names = [row["name"] for row in report["rows"]]
     assert names == [
-        "uncached", "fora:interval=2", "teacache:threshold=0.4",
+        "uncached", "fora:interval=2", "teacache:threshold=0.4", "steps:num_inference_steps=2",
         "full", "diffusers.fbcache:threshold=0.0", "diffusers.pab:spatial_attention_block_skip_range=2",
         "cache-dit.dbcache:residual_diff_threshold=0.24", "cache-dit.dbcache-taylorseer"]
     base = _rows(report)["uncached"]
@@ -75,6 +75,10 @@ def test_policies_compute_less_and_the_full_schedule_reproduces_uncached(bench):
         assert row["macs_ratio"] < 1 and row["speedup"] > 0
         assert math.isfinite(row["metrics"]["psnr"]) and row["metrics"]["fid"] > 0
     assert rows["fora:interval=2"]["macs_ratio"] < 0.7  # every other step reuses all blocks
+    fewer = rows["steps:num_inference_steps=2"]  # uniform step-skipping: the uncached model at half the steps
+    assert fewer["status"] == "ok" and fewer["counts"] and 0.4 < fewer["macs_ratio"] < 0.7
+    assert math.isfinite(fewer["metrics"]["psnr"])
+    assert report["eval"]["schedules"][fewer["name"]]["plan"]["num_steps"] == 2
     full = rows["full"]
     assert full["kind"] == "schedule" and full["macs_ratio"] == 1.0 and math.isinf(full["metrics"]["psnr"])
     assert full["metrics"]["fid"] == pytest.approx(rows["uncached"]["metrics"]["fid"], rel=1e-9)
