@@ -18,7 +18,7 @@ import torch
 
 import cachekit
 from cachekit.eval.latency import count_call_macs, time_call
-from cachekit.zoo import DIGITS_DEFAULTS, load_pipeline
+from cachekit.zoo import call_defaults, load_pipeline
 from cachekit.zoo.digits_data import digit_prompts
 
 
@@ -49,7 +49,7 @@ def main() -> None:
         "every-3rd (block)": every_nth_step(transformer, args.steps, 3, "block"),
     }
 
-    settings = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"} if args.model == "digits" else {}
+    settings = call_defaults(args.model)
     pipe.set_progress_bar_config(disable=True)
 
     def call():

@@ -157,11 +157,9 @@ def plan_name(spec: str) -> str:
 
 
 def _pipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if args.model == "digits":
-        from cachekit.zoo import DIGITS_DEFAULTS
+    from cachekit.zoo import call_defaults
 
-        kwargs.update({k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"})
+    kwargs: dict[str, Any] = call_defaults(args.model)
     for key in ("guidance_scale", "height", "width"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)

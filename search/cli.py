@@ -45,9 +45,9 @@ def _pipeline_args(pairs: list[str]) -> dict[str, Any]:
 
 def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Pipeline call settings: the bundled model's recommended ones, then --guidance-scale and --pipeline-arg."""
-    from cachekit.zoo import DIGITS_DEFAULTS
+    from cachekit.zoo import call_defaults
 
-    call = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"} if args.model == "digits" else {}
+    call = call_defaults(args.model)
     if args.guidance_scale is not None:
         call["guidance_scale"] = args.guidance_scale
     call.update(_pipeline_args(args.pipeline_arg))

@@ -22,10 +22,10 @@ from cachekit.eval.peers import get_peer
 from cachekit.eval.prompts import digits_prompts
 from cachekit.eval.suite import MetricConfig
 from cachekit.policies import PolicyCalibration
-from cachekit.zoo import DIGITS_DEFAULTS, load_pipeline
+from cachekit.zoo import call_defaults, load_pipeline
 
 STEPS = 4
-PIPE_KWARGS = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"}
+PIPE_KWARGS = call_defaults("digits")
 MISSING = dataclasses.replace(get_peer("cache-dit.dbcache-taylorseer"),
                               requires=("cachekit_no_such_package:enable_cache",))
 

@@ -21,10 +21,10 @@ from cachekit.eval.prompts import digits_prompts
 from cachekit.eval.runner import evaluate
 from cachekit.eval.suite import MetricConfig
 from cachekit.policies import static_schedule
-from cachekit.zoo import DIGITS_DEFAULTS, load_pipeline
+from cachekit.zoo import call_defaults, load_pipeline
 
 STEPS = 4
-PIPE_KWARGS = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"}
+PIPE_KWARGS = call_defaults("digits")
 
 
 @pytest.fixture(scope="module")

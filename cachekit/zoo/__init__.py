@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = [
     "DIGITS_DEFAULTS",
+    "call_defaults",
     "DIGITS_CLIP_NAME",
     "ModelNotFoundError",
     "pipeline_path",
@@ -49,6 +50,16 @@ DIGITS_DEFAULTS: Dict[str, Any] = {
     "use_resolution_binning": False,
     "clean_caption": False,
 }
+
+def call_defaults(model: str) -> Dict[str, Any]:
+    """The pipeline call settings a bundled model needs, without the step count (which every command sets itself).
+
+    Any other model gets none: a user's pipeline runs with its own defaults unless the command line says otherwise.
+    """
+    if model == "digits":
+        return {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"}
+    return {}
+
 
 #: Name under which :func:`register_clip` registers the digits CLIP config with open_clip.
 DIGITS_CLIP_NAME = "cachekit-digits-clip"
