@@ -139,8 +139,14 @@ class RowCache:
         points = min([order + 1, *(len(self._entries[key]) for key in keys)])
         if points <= 1:
             return self.gather(keys)
-        steps = torch.tensor([[self._entries[key][-1 - a][0] for a in range(points)] for key in keys], dtype=torch.float64)
+        history = [[self._entries[key][-1 - a][0] for a in range(points)] for key in keys]
         values = [self._rows_of(keys, a) for a in range(points)]
+        targets = torch.as_tensor(target_steps).flatten().tolist()
+        if all(h == history[0] for h in history) and all(t == targets[0] for t in targets):
+            # every row computed at the same steps and wants the same step (a plain batch): the polynomial's
+            # weights are scalars, and the forecast is a weighted sum of whole-batch tensors (Lagrange form)
+            return _zip_trees(values, _weighted_sum(_lagrange_weights(history[0], float(targets[0]))))
+        steps = torch.tensor(history, dtype=torch.float64)
         target = torch.as_tensor(target_steps, dtype=torch.float64)
 
         def newton(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -166,6 +172,28 @@ class RowCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _lagrange_weights(steps: Sequence[int], target: float) -> list[float]:
+    """Weights w_a with p(target) = sum_a w_a * p(steps[a]) for every polynomial p of degree < len(steps)."""
+    weights = []
+    for a, s_a in enumerate(steps):
+        w = 1.0
+        for b, s_b in enumerate(steps):
+            if b != a:
+                w *= (target - s_b) / (s_a - s_b)
+        weights.append(w)
+    return weights
+
+
+def _weighted_sum(weights: list[float]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
+        result = tensors[0].float() * weights[0]
+        for w, t in zip(weights[1:], tensors[1:]):
+            result = result.add(t.float(), alpha=w)
+        return result.to(tensors[0].dtype)
+
+    return combine
 
 
 def _batch_len(tree: Any) -> int | None:

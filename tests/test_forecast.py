@@ -76,3 +76,14 @@ def test_hooks_serve_linear_extrapolation(name):
                          scheduler=scheduler):
         reuse_out = denoise(model, tiny, steps, scheduler=scheduler)
     assert not torch.equal(forecast_out, reuse_out) and torch.isfinite(forecast_out).all()
+
+
+def test_plan_spec_adds_forecast_to_any_static_policy():
+    from cachekit.policies import resolve_plan
+
+    model = build("PixArtTransformer2DModel")
+    plain = resolve_plan("fora:interval=3", model, 7)
+    forecast = resolve_plan("fora:interval=3,forecast=1", model, 7)
+    assert plain.forecast is None and forecast.forecast_order == 1
+    assert torch.equal(forecast.recompute, plain.recompute) and torch.equal(forecast.forecast, ~plain.recompute)
+    assert resolve_plan("delta-dit:num_cached_blocks=1,forecast=2", model, 7).forecast_order == 2

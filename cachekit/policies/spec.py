@@ -4,6 +4,7 @@
     fora3.json                         a schedule file (or a policy calibration file: the policy it fits)
     digits-fast                        a schedule shipped with a bundled model (`cachekit.zoo.shipped_schedules()`)
     fora:interval=3                    a static policy's schedule, built for the model and step count
+    fora:interval=3,forecast=1         ... with reused outputs extrapolated (TaylorSeer, order 1) instead of reused
     teacache:threshold=0.2,calibration=teacache.json
 """
 
@@ -84,7 +85,9 @@ def resolve_plan(spec: str, transformer: nn.Module, num_steps: int) -> Any:
             raise ValueError(f"policy option {item!r} must look like key=value")
         options[key.strip().replace("-", "_")] = _parse_value(value.strip())
     if name in STATIC_POLICIES:
-        return static_schedule(name, transformer, num_steps, **options)
+        forecast = int(options.pop("forecast", 0))  # any static schedule, with TaylorSeer extrapolation on top
+        schedule = static_schedule(name, transformer, num_steps, **options)
+        return schedule.with_forecast(forecast) if forecast else schedule
     if name in RUNTIME_POLICIES:
         path = options.pop("calibration", None)
         calibration = PolicyCalibration.load(path) if path else None
