@@ -1,35 +1,64 @@
-"""Fitness of candidate schedules: quality against the uncached model, and cost.
+"""Fitness of candidate schedules: quality, cost, and whether the schedule stays within the CLIP constraint.
 
-The genetic search asks one thing: for these schedules, how good and how expensive? Quality is fidelity to the
-uncached model's images on fixed prompts and seeds (PSNR by default): on the digits model CLIP saturates, since the
-right digit is easy, while fidelity keeps discriminating. Cost is the predicted MAC ratio from the core's cost
-model, or the latency predicted from a calibration's measured per-component latency table.
+The genetic search asks one thing: for these schedules, how good and how expensive? Quality is pluggable:
+
+- `psnr` (default): fidelity of the final images to the uncached model's on fixed prompts and seeds. On the digits
+  model CLIP saturates, since the right digit is easy, while fidelity keeps discriminating.
+- `clip`: CLIP score of the images against their prompts (any local CLIP, by default the bundled digits CLIP).
+- `image-reward`: ImageReward, when its weights are on disk.
+
+Cost is the predicted transformer MAC ratio (`macs`), the latency predicted from a calibration's per-unit table
+(`latency`), or the whole pipeline call's seconds predicted by a model fitted to timed calls (`wallclock`, see
+`wallclock.py`), each as a fraction of the uncached model.
+
+A CLIP constraint (`clip_tolerance`) marks a schedule infeasible when its CLIP score falls more than the tolerance
+below the uncached model's on the same prompts; NSGA-II then ranks it below every feasible schedule (its quality
+becomes minus the shortfall) and it never reaches the written front.
+
+Under `accelerate launch` (or any torch.distributed launch) each process evaluates its share of the candidates with
+the model resident, and the fitnesses are gathered in candidate order, so every process runs the same search.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 import cachekit
 from cachekit.cost import MacProfile
+from cachekit.eval.distributed import Dist, get_dist, global_batches
 from cachekit.eval.fidelity import PSNR
 from cachekit.eval.images import to_uint8
 from cachekit.schedule import Schedule
 
-__all__ = ["Evaluator", "Fitness", "PipelineEvaluator", "MAX_PSNR", "latency_ratio", "capped_psnr"]
+__all__ = [
+    "COSTS",
+    "QUALITIES",
+    "Evaluator",
+    "Fitness",
+    "PipelineEvaluator",
+    "MAX_PSNR",
+    "latency_ratio",
+    "capped_psnr",
+]
 
 MAX_PSNR = 60.0
 """Identical images have infinite PSNR; the search caps quality here (about 1/1000 of a grey level RMS)."""
+
+QUALITIES = {"psnr": "psnr_vs_uncached", "clip": "clip_score", "image-reward": "image_reward"}
+COSTS = {"macs": "mac_ratio", "latency": "latency_ratio", "wallclock": "wallclock_ratio"}
 
 
 @dataclass(frozen=True)
 class Fitness:
     quality: float
     cost: float
+    feasible: bool = True
+    details: dict[str, float] = field(default_factory=dict)
 
 
 class Evaluator(Protocol):
@@ -54,9 +83,18 @@ def capped_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class PipelineEvaluator:
-    """Evaluates schedules in-process with the model resident, all calibration prompts in one batched call."""
+    """Evaluates schedules in-process with the model resident, all calibration prompts in one batched call.
 
-    quality_name = "psnr_vs_uncached"
+    Args:
+        pipe, prompts, num_steps, call_kwargs: the pipeline call every candidate is judged by.
+        seed: noise seed of the first prompt; prompt i uses `seed + i`.
+        quality: one of `QUALITIES`.
+        cost: one of `COSTS`; `latency` needs `latency_table`, `wallclock` needs `set_wallclock` before evaluating.
+        clip: a `cachekit.eval.clip_score.CLIPScore` for the `clip` quality and the constraint (default: the
+            bundled digits CLIP, loaded when needed).
+        clip_tolerance: CLIP-score points a feasible schedule may lose against the uncached model (None: no
+            constraint).
+    """
 
     def __init__(
         self,
@@ -64,26 +102,55 @@ class PipelineEvaluator:
         prompts: Sequence[str],
         num_steps: int,
         seed: int = 0,
+        quality: str = "psnr",
         cost: str = "macs",
         latency_table: tuple[torch.Tensor, float] | None = None,
+        clip: Any | None = None,
+        clip_tolerance: float | None = None,
+        dist: Dist | None = None,
         **call_kwargs: Any,
     ) -> None:
-        if cost not in ("macs", "latency"):
-            raise ValueError("cost must be 'macs' or 'latency'")
+        if quality not in QUALITIES:
+            raise ValueError(f"quality must be one of {list(QUALITIES)}, got {quality!r}")
+        if cost not in COSTS:
+            raise ValueError(f"cost must be one of {list(COSTS)}, got {cost!r}")
         if cost == "latency" and latency_table is None:
             raise ValueError("latency cost needs `calibration.unit_costs('latency')` from `cachekit calibrate`")
+        if clip_tolerance is not None and clip_tolerance < 0:
+            raise ValueError(f"clip_tolerance must be >= 0, got {clip_tolerance}")
         self.pipe = pipe
         self.prompts = list(prompts)
         self.num_steps = num_steps
         self.seed = seed
         self.call_kwargs = call_kwargs
-        self.cost_name = "mac_ratio" if cost == "macs" else "latency_ratio"
+        self.quality = quality
+        self.cost_kind = cost
+        self.quality_name = QUALITIES[quality]
+        self.cost_name = COSTS[cost]
         self.latency_table = latency_table
+        self.wallclock = None
+        self.clip_tolerance = clip_tolerance
+        self.dist = dist or get_dist()
+        self.device = getattr(pipe, "device", torch.device("cpu"))
+        self.clip = clip
+        if self.clip is None and (quality == "clip" or clip_tolerance is not None):
+            from cachekit.eval.clip_models import load_clip_model
+            from cachekit.eval.clip_score import CLIPScore
+
+            self.clip = CLIPScore(load_clip_model("digits", device=str(self.device)))
+        self._image_reward = None
+        if quality == "image-reward":
+            from cachekit.eval.image_reward import ImageRewardScore
+
+            self._image_reward = ImageRewardScore(os.environ.get("CACHEKIT_IMAGEREWARD_DIR"))
         self.profile = MacProfile.for_pipeline(pipe, prompt=self.prompts[0], **call_kwargs)
-        self.reference = self._generate(None)
+        self.reference = self.generate(None)
+        self.reference_clip = self._clip_score(self.reference) if self.clip is not None else None
         self.evaluations = 0
 
-    def _generate(self, schedule: Schedule | None) -> torch.Tensor:
+    # ---------------------------------------------------------------- the call every candidate is judged by
+    def generate(self, schedule: Schedule | None) -> torch.Tensor:
+        """uint8 images of the calibration prompts under `schedule` (None: the stock, unhooked pipeline)."""
         generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))]
         call = dict(prompt=self.prompts, num_inference_steps=self.num_steps, generator=generators, output_type="pt",
                     **self.call_kwargs)
@@ -95,15 +162,71 @@ class PipelineEvaluator:
                     images = self.pipe(**call).images
         return to_uint8(images)
 
+    def set_wallclock(self, model: Any) -> None:
+        """Use a fitted `WallClockModel` (from `wallclock.fit_wallclock` on `self.generate`) for the cost."""
+        self.wallclock = model
+
+    # ---------------------------------------------------------------- objectives
+    def _clip_score(self, images: torch.Tensor) -> float:
+        return float(self.clip.per_image(images, self.prompts).mean())
+
+    def _quality(self, images: torch.Tensor, clip_score: float | None) -> float:
+        if self.quality == "psnr":
+            return capped_psnr(images, self.reference)
+        if self.quality == "clip":
+            return float(clip_score)
+        self._image_reward.reset()
+        self._image_reward.update(images, self.prompts)
+        return float(self._image_reward.compute())
+
     def cost(self, schedule: Schedule) -> float:
-        if self.latency_table is None:
+        if self.cost_kind == "macs":
             return self.profile.predict(schedule)
-        return latency_ratio(schedule, *self.latency_table)
+        if self.cost_kind == "latency":
+            return latency_ratio(schedule, *self.latency_table)
+        if self.wallclock is None:
+            raise RuntimeError("wallclock cost needs a fitted model: call set_wallclock(fit_wallclock(...)) first")
+        return self.wallclock.ratio(schedule, self.profile)
+
+    def _evaluate_one(self, schedule: Schedule) -> Fitness:
+        images = self.generate(schedule)
+        clip_score = self._clip_score(images) if self.clip is not None else None
+        quality = self._quality(images, clip_score)
+        details: dict[str, float] = {}
+        feasible = True
+        if clip_score is not None:
+            details["clip_score"] = round(clip_score, 4)
+            if self.clip_tolerance is not None:
+                shortfall = self.reference_clip - clip_score - self.clip_tolerance
+                if shortfall > 0:
+                    feasible = False
+                    quality = -shortfall
+        return Fitness(quality, self.cost(schedule), feasible, details)
 
     def evaluate(self, schedules: Sequence[Schedule]) -> list[Fitness]:
-        results = []
-        for schedule in schedules:
-            images = self._generate(schedule)
-            results.append(Fitness(capped_psnr(images, self.reference), self.cost(schedule)))
-            self.evaluations += 1
+        """Fitness of each schedule, in order; with several processes each evaluates its share, then all gather."""
+        if self.dist.world_size == 1:
+            results = [self._evaluate_one(s) for s in schedules]
+        else:
+            mine = [i for batch in self.dist.my_batches(global_batches(len(schedules), 1)) for i in batch]
+            local = [(i, self._evaluate_one(schedules[i])) for i in mine]
+            gathered = dict(pair for part in self.dist.gather(local) for pair in part)
+            results = [gathered[i] for i in range(len(schedules))]
+        self.evaluations += len(results)
         return results
+
+    def describe(self) -> dict[str, Any]:
+        """What the objectives were, for every output."""
+        info: dict[str, Any] = {
+            "quality": self.quality_name,
+            "cost": self.cost_name,
+            "prompts": len(self.prompts),
+            "noise_seed": self.seed,
+            "num_steps": self.num_steps,
+            "processes": self.dist.world_size,
+        }
+        if self.reference_clip is not None:
+            info["uncached_clip_score"] = round(self.reference_clip, 4)
+        if self.clip_tolerance is not None:
+            info["constraint"] = f"clip_score >= uncached - {self.clip_tolerance:g}"
+        return info

@@ -1,9 +1,13 @@
 """NSGA-II search over cache schedules with DEAP (ECAD's approach, seeded so it needs far fewer evaluations).
 
 The genome is the schedule's recompute mask, one gene per (step, block, component) that exists, step 0 excluded
-(it always computes). Two objectives: maximise quality (fidelity to the uncached model) and minimise cost
-(predicted MAC or latency ratio). Beside DEAP's uniform crossover and bit flips, mutations act on the structures
-that matter in a DiT: a whole step, a block over a range of steps, a component type over a range of steps.
+(it always computes), in the template's mode: component (ECAD: attention and feed-forward outputs) or block (whole
+block residuals). Optional forecast genes, one per step, choose TaylorSeer extrapolation of that step's reused
+outputs. Two objectives: maximise quality (fidelity to the uncached model, or CLIP / ImageReward) and minimise cost
+(predicted MAC, latency or wall-clock ratio). Beside DEAP's uniform crossover and bit flips, mutations act on the
+structures that matter in a DiT: a whole step, a block over a range of steps, a component type over a range of
+steps, forecasting over a range of steps. Schedules the evaluator marks infeasible (a CLIP constraint) rank below
+every feasible one and never reach the written front.
 
 The first population is seeded with FORA, Delta-DiT, TGATE and DP-solver schedules at several budgets, so the front
 starts where the heuristics are and the search only has to improve on them. Every generation is checkpointed: a run
@@ -52,6 +56,8 @@ class SearchConfig:
     structured_prob: chance a mutation is structured (step / block / component) rather than bit flips.
     seed: the one seed of the run; the same seed gives the same front.
     quality_floor: hypervolume reference quality (cost reference is 1.0, the uncached model).
+    forecast_order: 0 for plain reuse; k > 0 adds one gene per step choosing order-k extrapolation (TaylorSeer) of
+        that step's reused outputs.
     """
 
     population: int = 24
@@ -61,46 +67,90 @@ class SearchConfig:
     structured_prob: float = 0.6
     seed: int = 0
     quality_floor: float = 15.0
+    forecast_order: int = 0
 
     def __post_init__(self) -> None:
         if self.population < 4 or self.population % 4:
             raise ValueError(f"population must be a positive multiple of 4, got {self.population}")
         if self.generations < 0:
             raise ValueError("generations must be >= 0")
+        if self.forecast_order < 0:
+            raise ValueError("forecast_order must be >= 0")
 
 
 class Genome:
-    """Maps schedules to flat gene lists and back, for one template (model layout, step count, mode)."""
+    """Maps schedules to flat gene lists and back, for one template (model layout, step count, mode).
 
-    def __init__(self, template: Schedule) -> None:
+    Genes are one per (step, block, component) that exists, step 0 excluded, then, with `forecast_order > 0`, one
+    per step from 1 on: whether that step's reused entries are extrapolated (TaylorSeer, `forecast_order`) from the
+    last computed ones instead of reused as they are. The template's mode (component or block) is the genome's.
+    """
+
+    def __init__(self, template: Schedule, forecast_order: int = 0) -> None:
+        if forecast_order < 0:
+            raise ValueError(f"forecast_order must be >= 0, got {forecast_order}")
         self.template = template
+        self.forecast_order = forecast_order
         steps = torch.arange(template.num_steps)[:, None, None].expand_as(template.recompute)
         self.slots = (template.present.unsqueeze(0).expand_as(template.recompute) & (steps > 0)).nonzero()
-        self.size = len(self.slots)
-        self.step_of = self.slots[:, 0].tolist()
-        self.block_of = self.slots[:, 1].tolist()
-        self.component_of = self.slots[:, 2].tolist()
+        self.num_mask_genes = len(self.slots)
+        self.num_forecast_genes = template.num_steps - 1 if forecast_order else 0
+        self.size = self.num_mask_genes + self.num_forecast_genes
+        self.step_of = self.slots[:, 0].tolist() + list(range(1, 1 + self.num_forecast_genes))
+        self.block_of = self.slots[:, 1].tolist() + [-1] * self.num_forecast_genes
+        self.component_of = self.slots[:, 2].tolist() + [-1] * self.num_forecast_genes
 
     def encode(self, schedule: Schedule) -> list[int]:
         mask = schedule.recompute
-        return [int(v) for v in mask[self.slots[:, 0], self.slots[:, 1], self.slots[:, 2]].tolist()]
+        genes = [int(v) for v in mask[self.slots[:, 0], self.slots[:, 1], self.slots[:, 2]].tolist()]
+        if self.num_forecast_genes:
+            forecast = schedule.forecast
+            per_step = forecast.flatten(1).any(1) if forecast is not None else torch.zeros(schedule.num_steps, dtype=torch.bool)
+            genes += [int(v) for v in per_step[1:].tolist()]
+        return genes
 
     def decode(self, genes: Sequence[int], provenance: dict[str, Any] | None = None) -> Schedule:
+        genes = list(genes)
         mask = torch.ones_like(self.template.recompute)
-        mask[self.slots[:, 0], self.slots[:, 1], self.slots[:, 2]] = torch.tensor(list(genes), dtype=torch.bool)
-        return replace(
+        mask[self.slots[:, 0], self.slots[:, 1], self.slots[:, 2]] = torch.tensor(
+            genes[: self.num_mask_genes], dtype=torch.bool
+        )
+        recompute = mask | ~self.template.present.unsqueeze(0)
+        schedule = replace(
             self.template,
-            recompute=mask | ~self.template.present.unsqueeze(0),
+            recompute=recompute,
             provenance=provenance or {"method": "search"},
             predicted_cost=None,
             measured=None,
         )
+        forecast_steps = torch.tensor([False] + [bool(g) for g in genes[self.num_mask_genes :]], dtype=torch.bool)
+        if self.num_forecast_genes and bool(forecast_steps.any()):
+            reuse = ~recompute & self.template.present.unsqueeze(0)
+            forecast = reuse & forecast_steps[:, None, None]
+            if bool(forecast.any()):
+                schedule = replace(schedule, forecast=forecast, forecast_order=self.forecast_order)
+        return schedule
 
     # ---------------------------------------------------------------- structured mutations
+    def mutations(self) -> list[Callable[[list[int]], None]]:
+        """The structured mutations that make sense for this layout (component types only when there are several)."""
+        ops = [self.mutate_step, self.mutate_block]
+        if len(self.template.components) > 1:
+            ops.append(self.mutate_component)
+        if self.num_forecast_genes:
+            ops.append(self.mutate_forecast)
+        return ops
+
     def _set(self, genes: list[int], where: Callable[[int], bool], value: int) -> None:
-        for i in range(self.size):
+        for i in range(self.num_mask_genes):
             if where(i):
                 genes[i] = value
+
+    def _step_range(self) -> tuple[int, int]:
+        if self.template.num_steps <= 2:
+            return 1, 2
+        lo, hi = sorted(random.sample(range(1, self.template.num_steps + 1), 2))
+        return lo, hi
 
     def mutate_step(self, genes: list[int]) -> None:
         step = random.randrange(1, self.template.num_steps)
@@ -108,14 +158,22 @@ class Genome:
 
     def mutate_block(self, genes: list[int]) -> None:
         block = random.randrange(self.template.num_blocks)
-        lo, hi = sorted(random.sample(range(1, self.template.num_steps + 1), 2)) if self.template.num_steps > 2 else (1, 2)
+        lo, hi = self._step_range()
         self._set(genes, lambda i: self.block_of[i] == block and lo <= self.step_of[i] < hi, random.randint(0, 1))
 
     def mutate_component(self, genes: list[int]) -> None:
         component = random.randrange(len(self.template.components))
-        lo, hi = sorted(random.sample(range(1, self.template.num_steps + 1), 2)) if self.template.num_steps > 2 else (1, 2)
+        lo, hi = self._step_range()
         self._set(genes, lambda i: self.component_of[i] == component and lo <= self.step_of[i] < hi,
                   random.randint(0, 1))
+
+    def mutate_forecast(self, genes: list[int]) -> None:
+        """Switch extrapolation on or off for a range of steps."""
+        lo, hi = self._step_range()
+        value = random.randint(0, 1)
+        for i in range(self.num_mask_genes, self.size):
+            if lo <= self.step_of[i] < hi:
+                genes[i] = value
 
 
 def hypervolume(points: Sequence[tuple[float, float]], quality_floor: float) -> float:
@@ -138,6 +196,7 @@ class SearchResult:
     config: dict[str, Any]
     objectives: dict[str, str]
     seeds: list[dict[str, Any]] = field(default_factory=list)
+    evaluator: dict[str, Any] = field(default_factory=dict)
 
 
 def _key(genes: Sequence[int]) -> bytes:
@@ -152,9 +211,11 @@ def run_search(
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    is_main: bool = True,
 ) -> SearchResult:
-    """Run NSGA-II from seeded schedules; checkpoint to `out_dir` every generation."""
-    genome = Genome(template)
+    """Run NSGA-II from seeded schedules; checkpoint to `out_dir` every generation (from the main process only)."""
+    genome = Genome(template, forecast_order=config.forecast_order)
+    structured = genome.mutations()
     for name, schedule in seeds.items():
         if schedule.recompute.shape != template.recompute.shape or schedule.components != template.components:
             raise ValueError(f"seed {name!r} does not fit the search template (model, steps or mode differ)")
@@ -166,6 +227,7 @@ def run_search(
 
     checkpoint_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     cache: dict[bytes, tuple[float, float]] = {}
+    extras: dict[bytes, dict[str, Any]] = {}  # feasibility and details (e.g. CLIP score) of each evaluated schedule
     history: list[dict[str, Any]] = []
     start_generation = 0
     population: list[Any] = []
@@ -175,7 +237,7 @@ def run_search(
         if state["config"] != asdict(config) or state["genome_size"] != genome.size:
             raise ValueError("the checkpoint was made with another config or model; start without --resume")
         random.setstate(state["random"])
-        cache, history = state["cache"], state["history"]
+        cache, history, extras = state["cache"], state["history"], state.get("extras", {})
         population = []
         for genes, origin, crowding in state["population"]:
             ind = _individual(genes, origin, cache)
@@ -195,17 +257,18 @@ def run_search(
             fitnesses = evaluator.evaluate([genome.decode(ind) for ind in unique.values()])
             for key, fit in zip(unique, fitnesses):
                 cache[key] = (fit.quality, fit.cost)
+                extras[key] = {"feasible": bool(getattr(fit, "feasible", True)), **dict(getattr(fit, "details", {}))}
         for ind in individuals:
             ind.fitness.values = cache[_key(ind)]
 
     def mutate(ind: Any) -> None:
         if random.random() < config.structured_prob:
-            random.choice([genome.mutate_step, genome.mutate_block, genome.mutate_component])(ind)
+            random.choice(structured)(ind)
         else:
             toolbox.flip(ind)
 
     def save(generation: int) -> None:
-        if not checkpoint_path:
+        if not checkpoint_path or not is_main:
             return
         os.makedirs(out_dir, exist_ok=True)
         state = {
@@ -214,6 +277,7 @@ def run_search(
             "genome_size": genome.size,
             "random": random.getstate(),
             "cache": cache,
+            "extras": extras,
             "history": history,
             "population": [(list(ind), ind.origin, ind.fitness.crowding_dist) for ind in population],
         }
@@ -235,7 +299,7 @@ def run_search(
         logger.info("generation %d: %s", generation, entry)
 
     total = config.generations + 1
-    bar = tqdm(total=total, initial=start_generation, desc="search", disable=not progress)
+    bar = tqdm(total=total, initial=start_generation, desc="search", disable=not progress or not is_main)
     if start_generation == 0:
         population = [_individual(genome.encode(s), name, None) for name, s in seeds.items()]
         while len(population) < config.population:
@@ -270,13 +334,16 @@ def run_search(
     front_inds = tools.sortNondominated(population, len(population), first_front_only=True)[0]
     unique_front: dict[bytes, Any] = {}
     for ind in sorted(front_inds, key=lambda i: i.fitness.values[1]):
-        unique_front.setdefault(_key(ind), ind)
+        if extras.get(_key(ind), {}).get("feasible", True):  # infeasible schedules never reach the written front
+            unique_front.setdefault(_key(ind), ind)
     front = [
-        {"quality": ind.fitness.values[0], "cost": ind.fitness.values[1], "origin": ind.origin, "genes": list(ind)}
+        {"quality": ind.fitness.values[0], "cost": ind.fitness.values[1], "origin": ind.origin, "genes": list(ind),
+         **{k: v for k, v in extras.get(_key(ind), {}).items() if k != "feasible"}}
         for ind in unique_front.values()
     ]
     seed_points = [
-        {"name": name, "quality": cache[_key(genome.encode(s))][0], "cost": cache[_key(genome.encode(s))][1]}
+        {"name": name, "quality": cache[_key(genome.encode(s))][0], "cost": cache[_key(genome.encode(s))][1],
+         **extras.get(_key(genome.encode(s)), {})}
         for name, s in seeds.items()
         if _key(genome.encode(s)) in cache
     ]
@@ -286,6 +353,7 @@ def run_search(
         evaluations=len(cache),
         config=asdict(config),
         objectives={"quality": evaluator.quality_name, "cost": evaluator.cost_name},
+        evaluator=evaluator.describe() if hasattr(evaluator, "describe") else {},
         seeds=seed_points,
     )
 
@@ -300,7 +368,7 @@ def _individual(genes: Sequence[int], origin: str, cache: dict[bytes, tuple[floa
 
 def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.PathLike) -> list[str]:
     """front.json, one schedule file per front point (named by predicted speedup), front.png and summary.md."""
-    genome = Genome(template)
+    genome = Genome(template, forecast_order=result.config.get("forecast_order", 0))
     os.makedirs(out_dir, exist_ok=True)
     files = []
     for i, point in enumerate(result.front):
@@ -311,7 +379,8 @@ def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.Pa
                         "seed": result.config["seed"]},
         )
         schedule.predicted_cost = {result.objectives["cost"]: round(point["cost"], 6)}
-        schedule.measured = {result.objectives["quality"]: round(point["quality"], 4)}
+        schedule.measured = {result.objectives["quality"]: round(point["quality"], 4),
+                             **({"clip_score": point["clip_score"]} if "clip_score" in point else {})}
         name = f"front_{i:02d}_x{speedup:.2f}.json"
         schedule.save(os.path.join(out_dir, name))
         point["file"] = name
@@ -319,6 +388,7 @@ def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.Pa
         files.append(name)
     front_json = {
         "objectives": result.objectives,
+        "evaluator": result.evaluator,
         "evaluations": result.evaluations,
         "config": result.config,
         "history": result.history,
@@ -362,7 +432,9 @@ def _write_summary(result: SearchResult, path: str) -> None:
     lines = [
         "# cachekit search",
         "",
-        f"Objectives: maximise `{result.objectives['quality']}`, minimise `{result.objectives['cost']}`.",
+        f"Objectives: maximise `{result.objectives['quality']}`, minimise `{result.objectives['cost']}`"
+        + (f", subject to `{result.evaluator['constraint']}`" if result.evaluator.get("constraint") else "") + ".",
+        f"Judged on: `{json.dumps(result.evaluator)}`." if result.evaluator else "",
         f"Evaluations: {result.evaluations}. Config: `{json.dumps(result.config)}`.",
         "",
         "| file | predicted speedup | cost | quality | origin |",

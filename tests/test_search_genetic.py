@@ -109,3 +109,51 @@ def test_resume_after_kill_gives_the_same_front(model, tmp_path):
         (p["genes"], p["quality"], p["cost"]) for p in uninterrupted.front
     ]
     assert resumed.history == uninterrupted.history
+
+
+def test_block_genome_with_forecast_genes_round_trips(model):
+    template = cachekit.Schedule.full(model, STEPS, mode="block")
+    genome = Genome(template, forecast_order=1)
+    assert genome.num_mask_genes == (STEPS - 1) * 3 and genome.size == genome.num_mask_genes + STEPS - 1
+    assert genome.mutate_component not in genome.mutations() and genome.mutate_forecast in genome.mutations()
+    fora = fora_schedule(model, STEPS, FORAConfig(interval=3, mode="block")).with_forecast(1)
+    decoded = genome.decode(genome.encode(fora))
+    assert torch.equal(decoded.recompute, fora.recompute) and torch.equal(decoded.forecast, fora.forecast)
+    assert decoded.forecast_order == 1 and decoded.mode == "block"
+    plain = genome.decode(genome.encode(fora_schedule(model, STEPS, FORAConfig(interval=3, mode="block"))))
+    assert plain.forecast is None  # forecast genes off: plain reuse
+
+
+def test_block_search_with_forecast_genes_improves_on_its_seeds(model, tmp_path):
+    config = SearchConfig(population=8, generations=3, seed=3, quality_floor=5.0, forecast_order=1)
+    template = cachekit.Schedule.full(model, STEPS, mode="block")
+    seeds = {f"fora-{k}": fora_schedule(model, STEPS, FORAConfig(interval=k, mode="block")) for k in (2, 3)}
+    result = run_search(LoopEvaluator(model), template, seeds, config, tmp_path, progress=False)
+    seed_hv = hypervolume([(s["quality"], s["cost"]) for s in result.seeds], config.quality_floor)
+    assert result.history[-1]["hypervolume"] > seed_hv
+    files = write_outputs(result, template, tmp_path)
+    for name in files:
+        schedule = cachekit.Schedule.load(tmp_path / name)
+        assert schedule.mode == "block" and schedule.validate_for(model, STEPS) is None
+
+
+class ConstrainedEvaluator(LoopEvaluator):
+    """Marks every schedule that reuses anything at step 1 infeasible, as a CLIP constraint would a bad one."""
+
+    def evaluate(self, schedules):
+        out = []
+        for fit, schedule in zip(super().evaluate(schedules), schedules):
+            feasible = bool(schedule.recompute[1].all())
+            out.append(Fitness(fit.quality if feasible else -1.0, fit.cost, feasible, {"clip_score": 50.0}))
+        return out
+
+
+def test_infeasible_schedules_never_reach_the_front(model, tmp_path):
+    config = SearchConfig(population=8, generations=2, seed=4, quality_floor=5.0)
+    result = run_search(ConstrainedEvaluator(model), cachekit.Schedule.full(model, STEPS), _seeds(model), config,
+                        tmp_path, progress=False)
+    genome = Genome(cachekit.Schedule.full(model, STEPS))
+    assert result.front
+    for point in result.front:
+        assert bool(genome.decode(point["genes"]).recompute[1].all()) and point["clip_score"] == 50.0
+    assert any(not s["feasible"] for s in result.seeds)  # fora-2 reuses at step 1: judged, but kept off the front
