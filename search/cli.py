@@ -100,19 +100,28 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from cachekit.eval.distributed import get_dist
+
     from .calibrate import Calibration, calibrate
     from .genetic import SearchConfig
     from .run import search_pipeline
+    from .wallclock import WallClockModel
 
     config = SearchConfig(population=args.population, generations=args.generations, seed=args.search_seed,
-                          quality_floor=args.quality_floor)
+                          quality_floor=args.quality_floor, forecast_order=args.forecast_order)
     if args.cost == "latency" and args.no_dp and args.calibration is None:
         raise ValueError("--cost latency needs a calibration's latency table: drop --no-dp or give --calibration")
     out = Path(args.out)
     if not args.resume and (out / "checkpoint.pkl").exists():
         raise ValueError(f"{out} holds a search checkpoint: pass --resume to continue it, or choose another --out")
+    wallclock = None
+    if args.wallclock is not None:
+        if args.cost != "wallclock":
+            raise ValueError("--wallclock is the cost model of --cost wallclock; add --cost wallclock")
+        wallclock = WallClockModel.load(args.wallclock)
     call = _generation_settings(args)
     prompts, pipe = _prompts_and_pipeline(args)
+    dist = get_dist()
     calibration = None
     if args.calibration is not None:
         calibration = Calibration.load(args.calibration)
@@ -121,19 +130,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if args.resume and calibration_file.exists():
             calibration = Calibration.load(calibration_file)
         else:
-            calibration = calibrate(pipe, prompts, args.steps, seed=args.seed, **call)
-            out.mkdir(parents=True, exist_ok=True)
-            calibration.save(calibration_file)
+            calibration = calibrate(pipe, prompts, args.steps, seed=args.seed, mode=args.mode, **call)
+            if dist.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                calibration.save(calibration_file)
     result = search_pipeline(
         pipe, prompts, args.steps, out, config, calibration=calibration,
-        dp_budgets=() if args.no_dp else tuple(args.dp_budgets), cost=args.cost, resume=args.resume,
+        dp_budgets=() if args.no_dp else tuple(args.dp_budgets), cost=args.cost, quality=args.quality,
+        mode=args.mode, clip_tolerance=args.clip_tolerance, wallclock=wallclock, resume=args.resume,
         noise_seed=args.seed, **call,
     )
+    if not dist.is_main:
+        return 0
     best = result.history[-1]
     print(
         f"wrote {out / 'front.json'}, {len(result.front)} front schedules, front.png and summary.md: "
         f"{result.evaluations} evaluations, hypervolume {result.history[0]['hypervolume']:.4g} (seeds) -> "
         f"{best['hypervolume']:.4g}; quality {result.objectives['quality']}, cost {result.objectives['cost']}"
+        + (f", {result.evaluator['constraint']}" if result.evaluator.get("constraint") else "")
     )
     return 0
 
@@ -256,7 +270,10 @@ def add_parser(subparsers: Any) -> None:
             "Calibrate once (unless --calibration or --no-dp), solve DP schedules at several budgets, seed NSGA-II "
             "with them and with FORA / Delta-DiT / TGATE, then evolve schedules judged in-process on the "
             "calibration prompts: quality is PSNR of the final images against the uncached model's (same seeds), "
-            "cost is the predicted MAC ratio or, with --cost latency, the latency measured during calibration. "
+            "or --quality clip / image-reward, optionally under a CLIP constraint (--clip-tolerance); cost is the "
+            "predicted MAC ratio, the calibration's per-unit latency (--cost latency), or the whole call's "
+            "wall-clock time from a model fitted to timed probe calls (--cost wallclock). Under `accelerate launch "
+            "-m cachekit search ...` the candidates of each generation are spread over the processes. "
             "Writes OUT/front.json, one schedule file per front point (named by predicted speedup), front.png, "
             "summary.md and a checkpoint every generation (continue a killed run with --resume)."
         ),
@@ -267,8 +284,25 @@ def add_parser(subparsers: Any) -> None:
     search.add_argument("--generations", type=int, default=10, help="generations after the seeded one (default 10)")
     search.add_argument("--search-seed", type=int, default=0,
                         help="seed of the search's own randomness; the same seed gives the same front (default 0)")
-    search.add_argument("--cost", choices=["macs", "latency"], default="macs",
-                        help="cost objective: predicted MAC ratio, or latency from the calibration (default macs)")
+    search.add_argument("--mode", choices=["component", "block"], default="component",
+                        help="genome: each attention / feed-forward output (component, ECAD; default) or whole-block "
+                             "residuals (block, FORA-style: skipped work turns into wall-clock best)")
+    search.add_argument("--cost", choices=["macs", "latency", "wallclock"], default="macs",
+                        help="cost objective: predicted MAC ratio; latency from the calibration's per-unit table; or "
+                             "wallclock, a model of the whole pipeline call fitted to probe calls timed on this "
+                             "device before the search (OUT/wallclock.json) (default macs)")
+    search.add_argument("--wallclock", default=None, metavar="FILE",
+                        help="with --cost wallclock: a wall-clock model saved by an earlier search on this device "
+                             "and settings (OUT/wallclock.json) instead of timing new probes")
+    search.add_argument("--quality", choices=["psnr", "clip", "image-reward"], default="psnr",
+                        help="quality objective: PSNR against the uncached images (default), CLIP score, or "
+                             "ImageReward (weights from $CACHEKIT_IMAGEREWARD_DIR)")
+    search.add_argument("--clip-tolerance", type=float, default=None, metavar="POINTS",
+                        help="constraint: a schedule whose CLIP score (bundled digits CLIP) falls more than POINTS "
+                             "below the uncached model's is infeasible and never reaches the front")
+    search.add_argument("--forecast-order", type=int, choices=[0, 1, 2], default=0,
+                        help="add one gene per step choosing TaylorSeer extrapolation of that step's reused outputs, "
+                             "of this order (default 0: plain reuse only)")
     search.add_argument("--calibration", default=None,
                         help="calibration file from `cachekit calibrate` (default: calibrate now, saved in OUT)")
     search.add_argument("--no-dp", action="store_true", help="no calibration and no DP seeds (heuristic seeds only)")

@@ -19,6 +19,7 @@ from cachekit.schedule import Schedule
 
 from .fitness import PipelineEvaluator
 from .genetic import SearchConfig, SearchResult, run_search, write_outputs
+from .wallclock import WallClockModel, fit_wallclock, probe_schedules
 
 __all__ = ["heuristic_seeds", "dp_seeds", "search_pipeline"]
 
@@ -32,21 +33,31 @@ def _as_component_mode(schedule: Schedule, transformer: torch.nn.Module) -> Sche
     return Schedule.from_mask(transformer, mask, provenance=schedule.provenance)
 
 
-def heuristic_seeds(transformer: torch.nn.Module, num_steps: int) -> dict[str, Schedule]:
-    """FORA, Delta-DiT and TGATE at settings spanning cheap to faithful, all in component mode."""
+def heuristic_seeds(
+    transformer: torch.nn.Module, num_steps: int, mode: str = "component", forecast_order: int = 0
+) -> dict[str, Schedule]:
+    """FORA, Delta-DiT and TGATE at settings spanning cheap to faithful, in the search's mode.
+
+    TGATE caches cross-attention alone, so it seeds component-mode searches only. With `forecast_order`, FORA is
+    also seeded with its reused outputs extrapolated (TaylorSeer-style), the way cache-dit pairs DBCache with it.
+    """
     seeds: dict[str, Schedule] = {}
-    for interval in (2, 3, 4):
-        seeds[f"fora-{interval}"] = fora_schedule(transformer, num_steps, FORAConfig(interval, mode="component"))
+    intervals = (2, 3, 4) if mode == "component" else (2, 3, 4, 5, 6)
+    for interval in intervals:
+        seeds[f"fora-{interval}"] = fora_schedule(transformer, num_steps, FORAConfig(interval, mode=mode))
+        if forecast_order:
+            seeds[f"fora-{interval}+forecast"] = seeds[f"fora-{interval}"].with_forecast(forecast_order)
     num_blocks = Schedule.full(transformer, 1).num_blocks
     for fraction in (0.25, 0.5):
         config = DeltaDiTConfig(boundary_step=num_steps // 2, num_cached_blocks=max(1, int(num_blocks * fraction)),
                                 interval=2)
-        seeds[f"delta-dit-{fraction:g}"] = _as_component_mode(delta_dit_schedule(transformer, num_steps, config),
-                                                              transformer)
-    try:
-        seeds["tgate"] = tgate_schedule(transformer, num_steps, TGATEConfig(gate_step=max(1, num_steps // 2)))
-    except ValueError as err:  # joint-attention models have no separate cross-attention
-        logger.info("no TGATE seed: %s", err)
+        delta = delta_dit_schedule(transformer, num_steps, config)
+        seeds[f"delta-dit-{fraction:g}"] = delta if mode == "block" else _as_component_mode(delta, transformer)
+    if mode == "component":
+        try:
+            seeds["tgate"] = tgate_schedule(transformer, num_steps, TGATEConfig(gate_step=max(1, num_steps // 2)))
+        except ValueError as err:  # joint-attention models have no separate cross-attention
+            logger.info("no TGATE seed: %s", err)
     return seeds
 
 
@@ -63,6 +74,9 @@ def dp_seeds(calibration: Any, budgets: Sequence[float]) -> dict[str, Schedule]:
     return seeds
 
 
+WALLCLOCK_FILE = "wallclock.json"
+
+
 def search_pipeline(
     pipe: Any,
     prompts: Sequence[str],
@@ -72,6 +86,10 @@ def search_pipeline(
     calibration: Any | None = None,
     dp_budgets: Sequence[float] = (0.25, 0.35, 0.5, 0.7),
     cost: str = "macs",
+    quality: str = "psnr",
+    mode: str = "component",
+    clip_tolerance: float | None = None,
+    wallclock: WallClockModel | None = None,
     resume: bool = False,
     progress: bool = True,
     noise_seed: int = 0,
@@ -81,15 +99,57 @@ def search_pipeline(
 
     Candidates are judged on `prompts` with noise seeds `noise_seed + i`; `config.seed` drives only the search's own
     randomness, so the same seeds give the same front. Keep evaluation prompts and seeds apart from these.
+    `mode` is the genome's: `component` (ECAD: attention / feed-forward outputs) or `block` (whole-block residuals,
+    which turn skipped MACs into wall-clock best on launch-bound models). With `cost="wallclock"` a wall-clock model
+    is fitted to timed probe calls (or `wallclock` is used) and saved as `OUT/wallclock.json`.
+    Under `accelerate launch`, candidates are spread over the processes; only the main one writes files.
     """
     transformer = pipe.transformer
-    template = Schedule.full(transformer, num_steps, scheduler=type(pipe.scheduler).__name__)
-    seeds = heuristic_seeds(transformer, num_steps)
+    if calibration is not None and calibration.mode != mode:
+        raise ValueError(f"the calibration is in {calibration.mode} mode but the search is in {mode} mode; "
+                         f"calibrate with --mode {mode}")
+    template = Schedule.full(transformer, num_steps, mode=mode, scheduler=type(pipe.scheduler).__name__)
+    seeds = heuristic_seeds(transformer, num_steps, mode, config.forecast_order)
     if calibration is not None:
         seeds.update(dp_seeds(calibration, dp_budgets))
     latency = calibration.unit_costs("latency") if cost == "latency" and calibration is not None else None
-    evaluator = PipelineEvaluator(pipe, prompts, num_steps, seed=noise_seed, cost=cost, latency_table=latency,
-                                  **call_kwargs)
-    result = run_search(evaluator, template, seeds, config, out_dir, resume=resume, progress=progress)
-    write_outputs(result, template, out_dir)
+    evaluator = PipelineEvaluator(pipe, prompts, num_steps, seed=noise_seed, quality=quality, cost=cost,
+                                  latency_table=latency, clip_tolerance=clip_tolerance, **call_kwargs)
+    dist = evaluator.dist
+    if cost == "wallclock":
+        evaluator.set_wallclock(_wallclock_model(evaluator, template, config, out_dir, wallclock, resume, progress))
+    result = run_search(evaluator, template, seeds, config, out_dir, resume=resume, progress=progress,
+                        is_main=dist.is_main)
+    if dist.is_main:
+        write_outputs(result, template, out_dir)
+    dist.barrier()
     return result
+
+
+def _wallclock_model(
+    evaluator: PipelineEvaluator,
+    template: Schedule,
+    config: SearchConfig,
+    out_dir: str | os.PathLike,
+    given: WallClockModel | None,
+    resume: bool,
+    progress: bool,
+) -> WallClockModel:
+    """The given model, the run's saved one on resume, or a new fit timed on the main process and shared."""
+    path = os.path.join(out_dir, WALLCLOCK_FILE)
+    dist = evaluator.dist
+    model = given
+    if model is None and resume and os.path.exists(path):
+        model = WallClockModel.load(path)
+    if model is None:
+        if dist.is_main:
+            probes = probe_schedules(template, config.forecast_order, seed=config.seed)
+            model = fit_wallclock(evaluator.generate, probes, evaluator.profile, batch_size=len(evaluator.prompts),
+                                  device=evaluator.device, progress=progress)
+            logger.info("wall-clock model: %s, leave-one-out error %.1f%%", model.coefficients,
+                        100 * model.loo_relative_error)
+        model = dist.broadcast(model)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        model.save(path)
+    return model

@@ -79,3 +79,49 @@ def test_calibrate_policy_round_trips_through_its_file(tmp_path, transformer, po
             expected = tuple(value) if isinstance(value, list) else value
             assert getattr(plan.config, key) == expected
     assert f"--schedule {policy}:calibration={out}" in capsys.readouterr().out
+
+
+def test_block_search_on_wall_clock_cost_with_forecast_genes_and_a_clip_constraint(tmp_path, transformer, capsys):
+    out = tmp_path / "block"
+    assert _search(out, "--mode", "block", "--cost", "wallclock", "--forecast-order", "1",
+                   "--clip-tolerance", "2") == 0
+    front = json.loads((out / "front.json").read_text())
+    assert front["objectives"] == {"quality": "psnr_vs_uncached", "cost": "wallclock_ratio"}
+    assert front["evaluator"]["constraint"] == "clip_score >= uncached - 2"
+    assert {"fora-2+forecast", "delta-dit-0.25"} <= {s["name"] for s in front["seeds"]}
+    assert (out / "wallclock.json").is_file() and (out / "calibration.pt.json").is_file()
+    for point in front["front"]:
+        schedule = Schedule.load(out / point["file"])
+        assert schedule.mode == "block" and schedule.validate_for(transformer, 4) is None
+        assert schedule.measured["clip_score"] == point["clip_score"]
+        assert point["clip_score"] >= front["evaluator"]["uncached_clip_score"] - 2
+    # the saved wall-clock model is reused by a new search (no probes timed again)
+    again = tmp_path / "again"
+    assert _search(again, "--mode", "block", "--cost", "wallclock", "--no-dp", "--wallclock",
+                   str(out / "wallclock.json")) == 0
+    assert (again / "wallclock.json").read_text() == (out / "wallclock.json").read_text()
+    assert main(["search", *SMALL, "--wallclock", str(out / "wallclock.json"), "--out", str(tmp_path / "z")]) == 2
+    assert "add --cost wallclock" in capsys.readouterr().err
+
+
+def test_two_processes_find_the_front_of_one(tmp_path):
+    """Under accelerate, candidates are spread over processes; the search and its front do not change."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["search", *SMALL, "--population", "8", "--generations", "1", "--no-dp"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "cachekit", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cachekit", *args, "--out",
+         str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "front.json").read_text()) for n in ("one", "two"))
+    assert a["evaluator"]["processes"] == 1 and b["evaluator"]["processes"] == 2
+    assert a["front"] == b["front"] and a["history"] == b["history"]
