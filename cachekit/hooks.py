@@ -407,10 +407,27 @@ class BlockResidualHook(_RowCachingHook):
     def __init__(self, *args: Any, residual_outputs: tuple[str, ...], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.residual_outputs = residual_outputs
+        self._positions: list[int | None] = []
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        module = super().initialize_hook(module)
+        # where each residual input sits among the positional arguments (self excluded): read it directly on every
+        # call, since binding the signature costs more than a reused block's whole work on small models
+        names = [p.name for p in self._signature.parameters.values()
+                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)][1:]
+        self._positions = [names.index(name) if name in names else None for name in self.residual_outputs]
+        return module
 
     def _inputs(self, args: tuple, kwargs: dict) -> list[Any]:
-        bound = self._signature.bind(None, *args, **kwargs)
-        return [bound.arguments.get(name) for name in self.residual_outputs]
+        inputs = []
+        for name, position in zip(self.residual_outputs, self._positions):
+            if name in kwargs:
+                inputs.append(kwargs[name])
+            elif position is not None and position < len(args):
+                inputs.append(args[position])
+            else:  # not passed (e.g. FLUX single blocks have no encoder stream): nothing to add a residual to
+                inputs.append(None)
+        return inputs
 
     def _as_tuple(self, output: Any) -> tuple:
         return output if isinstance(output, tuple) else (output,)
