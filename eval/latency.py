@@ -9,10 +9,11 @@ MACs come from the core's `cachekit.cost.count_macs()` when it is available.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from tqdm.auto import tqdm
@@ -118,21 +119,29 @@ def measure_interleaved(
     repeats: int = 3,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    setups: dict[str, Callable[[], ContextManager[Any]]] | None = None,
 ) -> dict[str, LatencyStats]:
-    """Time several configurations fairly: each warmed up, then repeats in round-robin order (A B C A B C ...)."""
+    """Time several configurations fairly: each warmed up, then repeats in round-robin order (A B C A B C ...).
+
+    `setups[name]()` is a context entered around each of that configuration's calls but outside the timed region:
+    applying a cache to a shared pipeline (`cachekit.cached`), which a deployment does once, not per call.
+    """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     device = torch.device(device)
+    setups = setups or {}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     total = len(fns) * (warmup + repeats)
     with tqdm(total=total, desc="latency", disable=not progress, leave=False) as bar:
         for name, fn in fns.items():
             for _ in range(warmup):
-                fn()
+                with setups.get(name, contextlib.nullcontext)():
+                    fn()
                 bar.update()
         for _ in range(repeats):
             for name, fn in fns.items():
-                samples[name].append(time_call(fn, device))
+                with setups.get(name, contextlib.nullcontext)():
+                    samples[name].append(time_call(fn, device))
                 bar.update()
     return {k: LatencyStats(v, batch_size, num_steps, warmup, _timer_name(device)) for k, v in samples.items()}
 

@@ -30,6 +30,23 @@ def test_warmup_then_round_robin_repeats():
         measure_latency(lambda: None, batch_size=1, num_steps=1, repeats=0)
 
 
+def test_setups_wrap_every_call_of_their_configuration_outside_the_timer():
+    import contextlib
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def applied():
+        events.append("enable")
+        yield
+        events.append("disable")
+
+    fns = {"uncached": lambda: events.append("u"), "cached": lambda: events.append("c")}
+    measure_interleaved(fns, batch_size=1, num_steps=1, warmup=1, repeats=2, progress=False,
+                        setups={"cached": applied})
+    assert events == ["u", "enable", "c", "disable"] + ["u", "enable", "c", "disable"] * 2
+
+
 def test_macs_are_counted_by_the_core_counter():
     assert macs_available()
     layer = nn.Linear(8, 4, bias=False)
