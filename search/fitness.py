@@ -151,19 +151,26 @@ class PipelineEvaluator:
     # ---------------------------------------------------------------- the call every candidate is judged by
     def generate(self, schedule: Schedule | None) -> torch.Tensor:
         """uint8 images of the calibration prompts under `schedule` (None: the stock, unhooked pipeline)."""
+        if schedule is None:
+            return self.call()
+        with self.apply(schedule):
+            return self.call()
+
+    def call(self) -> torch.Tensor:
+        """The pipeline call candidates are judged by, with whatever cache is enabled on the pipeline."""
         generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))]
         call = dict(prompt=self.prompts, num_inference_steps=self.num_steps, generator=generators, output_type="pt",
                     **self.call_kwargs)
         with torch.no_grad():
-            if schedule is None:
-                images = self.pipe(**call).images
-            else:
-                with cachekit.cached(self.pipe, schedule):
-                    images = self.pipe(**call).images
+            images = self.pipe(**call).images
         return to_uint8(images)
 
+    def apply(self, schedule: Schedule) -> Any:
+        """A context with `schedule` enabled on the pipeline."""
+        return cachekit.cached(self.pipe, schedule)
+
     def set_wallclock(self, model: Any) -> None:
-        """Use a fitted `WallClockModel` (from `wallclock.fit_wallclock` on `self.generate`) for the cost."""
+        """Use a fitted `WallClockModel` (`wallclock.fit_wallclock(self.call, self.apply, ...)`) for the cost."""
         self.wallclock = model
 
     # ---------------------------------------------------------------- objectives

@@ -144,8 +144,8 @@ def _wallclock_model(
     if model is None:
         if dist.is_main:
             probes = probe_schedules(template, config.forecast_order, seed=config.seed)
-            model = fit_wallclock(evaluator.generate, probes, evaluator.profile, batch_size=len(evaluator.prompts),
-                                  device=evaluator.device, progress=progress)
+            model = fit_wallclock(evaluator.call, evaluator.apply, probes, evaluator.profile,
+                                  batch_size=len(evaluator.prompts), device=evaluator.device, progress=progress)
             logger.info("wall-clock model: %s, leave-one-out error %.1f%%", model.coefficients,
                         100 * model.loo_relative_error)
         model = dist.broadcast(model)

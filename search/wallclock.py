@@ -23,9 +23,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from typing import Any, ContextManager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
-
 import numpy as np
 import torch
 from scipy.optimize import nnls
@@ -149,7 +148,8 @@ def _fit(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
 
 
 def fit_wallclock(
-    generate: Callable[[Schedule | None], Any],
+    call: Callable[[], Any],
+    apply: Callable[[Schedule], ContextManager[Any]],
     probes: dict[str, Schedule],
     profile: MacProfile,
     *,
@@ -158,18 +158,18 @@ def fit_wallclock(
     repeats: int = 5,
     progress: bool = True,
 ) -> WallClockModel:
-    """Time `generate(None)` (the stock pipeline) and `generate(probe)` for each probe, round-robin, and fit the model.
+    """Time `call()` on the stock pipeline and under `apply(probe)` for each probe, round-robin, and fit the model.
 
-    `generate` must be the very call the search evaluates candidates with (same prompts, batch, step count).
+    `call` must be the very call the search evaluates candidates with (same prompts, batch, step count); `apply`
+    enables a schedule on its pipeline (`cachekit.cached`), outside the timed region, as a deployment does once.
     """
     if len(probes) < len(FEATURES) + 1:
         raise ValueError(f"need at least {len(FEATURES) + 1} probe schedules to fit {len(FEATURES)} coefficients")
     first = next(iter(probes.values()))
-    calls: dict[str, Callable[[], Any]] = {UNCACHED: lambda: generate(None)}
-    for name, schedule in probes.items():
-        calls[name] = (lambda s: lambda: generate(s))(schedule)
+    calls = {name: call for name in (UNCACHED, *probes)}
+    setups = {name: (lambda s: lambda: apply(s))(schedule) for name, schedule in probes.items()}
     stats = measure_interleaved(calls, batch_size=batch_size, num_steps=first.num_steps, repeats=repeats,
-                                device=device, progress=progress)
+                                device=device, progress=progress, setups=setups)
     names = list(probes)
     x = np.array([schedule_features(probes[n], profile) for n in names], dtype=np.float64)
     stock = np.array(stats[UNCACHED].samples_s, dtype=np.float64)

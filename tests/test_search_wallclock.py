@@ -55,7 +55,8 @@ def test_fit_on_the_digits_pipeline_predicts_its_probes(evaluator, tmp_path):
     template = cachekit.Schedule.full(evaluator.pipe.transformer, STEPS, mode="block")
     probes = probe_schedules(template, forecast_order=1)
     assert {"full", "step0-only", "every-2", "every-3+forecast", "random-0.3+forecast"} <= set(probes)
-    model = fit_wallclock(evaluator.generate, probes, evaluator.profile, batch_size=2, repeats=1, progress=False)
+    model = fit_wallclock(evaluator.call, evaluator.apply, probes, evaluator.profile, batch_size=2, repeats=1,
+                          progress=False)
     assert set(model.coefficients) == set(FEATURES) and all(c >= 0 for c in model.coefficients.values())
     assert [p["name"] for p in model.probes] == list(probes) and model.uncached_seconds > 0
     assert np.isfinite(model.loo_relative_error)
