@@ -54,7 +54,17 @@ def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     return call
 
 
-def _prompts_and_pipeline(args: argparse.Namespace) -> tuple[list[str], Any]:
+def _process(args: argparse.Namespace) -> Any:
+    """This process's place under `accelerate launch` (one process otherwise), on --device or its accelerator."""
+    import torch
+
+    from cachekit.eval.distributed import get_dist
+
+    on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    return get_dist(cpu=on_cpu)
+
+
+def _prompts_and_pipeline(args: argparse.Namespace, device: Any = None) -> tuple[list[str], Any]:
     """The calibration prompts, then the pipeline: a bad prompt set fails before a large model is loaded."""
     from cachekit.eval.prompts import load_prompts
     from cachekit.zoo import load_pipeline
@@ -62,7 +72,7 @@ def _prompts_and_pipeline(args: argparse.Namespace) -> tuple[list[str], Any]:
     prompts = load_prompts(args.prompt_set, args.prompts, args.prompt_seed).prompts
     if not prompts:
         raise ValueError(f"prompt set {args.prompt_set!r} has no prompts")
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device or device)
     pipe.set_progress_bar_config(disable=True)
     return list(prompts), pipe
 
@@ -71,7 +81,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
     call = _generation_settings(args)
-    prompts, pipe = _prompts_and_pipeline(args)
+    prompts, pipe = _prompts_and_pipeline(args, _process(args).device)
     if args.policy is not None:
         from cachekit.policies import calibrate_pipeline
 
@@ -100,8 +110,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cachekit.eval.distributed import get_dist
-
     from .calibrate import Calibration, calibrate
     from .genetic import SearchConfig
     from .run import search_pipeline
@@ -120,8 +128,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise ValueError("--wallclock is the cost model of --cost wallclock; add --cost wallclock")
         wallclock = WallClockModel.load(args.wallclock)
     call = _generation_settings(args)
-    prompts, pipe = _prompts_and_pipeline(args)
-    dist = get_dist()
+    dist = _process(args)
+    prompts, pipe = _prompts_and_pipeline(args, dist.device)
     calibration = None
     if args.calibration is not None:
         calibration = Calibration.load(args.calibration)
@@ -138,7 +146,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         pipe, prompts, args.steps, out, config, calibration=calibration,
         dp_budgets=() if args.no_dp else tuple(args.dp_budgets), cost=args.cost, quality=args.quality,
         mode=args.mode, clip_tolerance=args.clip_tolerance, wallclock=wallclock, resume=args.resume,
-        noise_seed=args.seed, **call,
+        noise_seed=args.seed, dist=dist, **call,
     )
     if not dist.is_main:
         return 0
@@ -181,7 +189,9 @@ def _add_run_args(parser: argparse.ArgumentParser, num_prompts: int) -> None:
     """Model, prompts, seeds and pipeline settings, shared by `calibrate` and `search` so both run the same calls."""
     parser.add_argument("--model", default="digits",
                         help="bundled model name ('digits', the default) or a local diffusers pipeline folder")
-    parser.add_argument("--device", default=None, help="torch device to run and time on (default: cpu)")
+    parser.add_argument("--device", default=None,
+                        help="torch device to run and time on (default: the GPU when there is one, under "
+                             "`accelerate launch` each process's own; else cpu)")
     parser.add_argument("--steps", type=_positive_int, default=20,
                         help="denoising steps the schedule will run (default 20)")
     parser.add_argument("--prompts", type=_positive_int, default=num_prompts,

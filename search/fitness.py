@@ -76,7 +76,9 @@ def latency_ratio(schedule: Schedule, per_unit: torch.Tensor, total: float) -> f
 
 
 def capped_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    metric = PSNR()
+    # this process's images only: under torch.distributed a torchmetrics compute() would otherwise average in
+    # whatever candidate another process is judging at the same moment
+    metric = PSNR(sync_on_compute=False)
     metric.update(images, reference)
     value = float(metric.compute())
     return min(value, MAX_PSNR)
@@ -142,7 +144,7 @@ class PipelineEvaluator:
         if quality == "image-reward":
             from cachekit.eval.image_reward import ImageRewardScore
 
-            self._image_reward = ImageRewardScore(os.environ.get("CACHEKIT_IMAGEREWARD_DIR"))
+            self._image_reward = ImageRewardScore(os.environ.get("CACHEKIT_IMAGEREWARD_DIR"), sync_on_compute=False)
         self.profile = MacProfile.for_pipeline(pipe, prompt=self.prompts[0], **call_kwargs)
         self.reference = self.generate(None)
         self.reference_clip = self._clip_score(self.reference) if self.clip is not None else None

@@ -93,6 +93,7 @@ def search_pipeline(
     resume: bool = False,
     progress: bool = True,
     noise_seed: int = 0,
+    dist: Any | None = None,
     **call_kwargs: Any,
 ) -> SearchResult:
     """Search a pipeline's schedule front and write front.json, the front's schedules, front.png, summary.md.
@@ -102,7 +103,8 @@ def search_pipeline(
     `mode` is the genome's: `component` (ECAD: attention / feed-forward outputs) or `block` (whole-block residuals,
     which turn skipped MACs into wall-clock best on launch-bound models). With `cost="wallclock"` a wall-clock model
     is fitted to timed probe calls (or `wallclock` is used) and saved as `OUT/wallclock.json`.
-    Under `accelerate launch`, candidates are spread over the processes; only the main one writes files.
+    Under `accelerate launch`, candidates are spread over the processes of `dist` (default:
+    `cachekit.eval.distributed.get_dist()`); only the main one writes files.
     """
     transformer = pipe.transformer
     if calibration is not None and calibration.mode != mode:
@@ -114,7 +116,7 @@ def search_pipeline(
         seeds.update(dp_seeds(calibration, dp_budgets))
     latency = calibration.unit_costs("latency") if cost == "latency" and calibration is not None else None
     evaluator = PipelineEvaluator(pipe, prompts, num_steps, seed=noise_seed, quality=quality, cost=cost,
-                                  latency_table=latency, clip_tolerance=clip_tolerance, **call_kwargs)
+                                  latency_table=latency, clip_tolerance=clip_tolerance, dist=dist, **call_kwargs)
     dist = evaluator.dist
     if cost == "wallclock":
         evaluator.set_wallclock(_wallclock_model(evaluator, template, config, out_dir, wallclock, resume, progress))
