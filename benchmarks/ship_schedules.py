@@ -1,7 +1,8 @@
 """Ship searched schedules with the bundled model, labelled with what a held-out bench measured for them.
 
-    python benchmarks/ship_schedules.py runs/bench-digits/bench.json --front runs/search-digits \\
-        --ship digits-lossless=front_09_x1.99 digits-fast=front_05_x2.82 digits-fastest=front_02_x3.95
+    python benchmarks/ship_schedules.py runs/bench-block/bench.json --front runs/search-block \\
+        --latency-bench runs/timing-b8/bench.json runs/timing-b40/bench.json \\
+        --ship digits-lossless=front_24_x1.67 digits-fast=front_20_x2.12 digits-fastest=front_14_x2.61
 
 Each NAME=STEM copies FRONT/STEM.json (a `cachekit search` output) to cachekit/zoo/schedules/NAME.json and records,
 under `measured["heldout"]`, the bench row of STEM (wall-clock speedup, MAC ratio, every metric) beside the uncached
@@ -24,19 +25,20 @@ def main() -> None:
     parser.add_argument("bench", help="bench.json from `cachekit bench` that evaluated the front schedules")
     parser.add_argument("--front", required=True, help="the `cachekit search` output folder")
     parser.add_argument("--ship", nargs="+", required=True, metavar="NAME=STEM")
-    parser.add_argument("--latency-bench", default=None,
-                        help="a second bench.json that timed the same schedules at another batch size: its speedup "
-                             "is recorded too, as speedup_at_batch_<N>")
+    parser.add_argument("--latency-bench", nargs="+", default=[],
+                        help="bench.json files that timed the same schedules (e.g. at other batch sizes or with more "
+                             "repeats): each speedup is recorded as speedup_at_batch_<N>, and the first one is the "
+                             "schedule's headline `speedup` (else the quality bench's)")
     parser.add_argument("--out", default=str(SHIPPED), help="where shipped schedules live")
     args = parser.parse_args()
 
     report = json.loads(Path(args.bench).read_text())
     rows = {row["name"]: row for row in report["rows"]}
     uncached = next(row for row in report["rows"] if row["kind"] == "uncached")
-    timed = None
-    if args.latency_bench:
-        second = json.loads(Path(args.latency_bench).read_text())
-        timed = (second["latency_protocol"]["batch_size"], {row["name"]: row for row in second["rows"]})
+    timed = []
+    for path in args.latency_bench:
+        other = json.loads(Path(path).read_text())
+        timed.append((path, other["latency_protocol"]["batch_size"], {row["name"]: row for row in other["rows"]}))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for item in args.ship:
         name, _, stem = item.partition("=")
@@ -58,11 +60,13 @@ def main() -> None:
                 "device": report.get("device"),
             },
         }
-        if timed is not None:
-            batch, timed_rows = timed
+        for i, (path, batch, timed_rows) in enumerate(timed):
             if stem not in timed_rows:
-                raise SystemExit(f"{stem} is not a row of {args.latency_bench}")
+                raise SystemExit(f"{stem} is not a row of {path}")
             schedule.measured["heldout"][f"speedup_at_batch_{batch}"] = timed_rows[stem]["speedup"]
+            if i == 0:
+                schedule.measured["heldout"]["speedup"] = timed_rows[stem]["speedup"]
+                schedule.measured["heldout"]["speedup_from"] = path
         path = Path(args.out) / f"{name}.json"
         schedule.save(path)
         shown = ", ".join(f"{k} {v:.3g}" for k, v in row["metrics"].items() if isinstance(v, (int, float)))
