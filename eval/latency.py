@@ -146,6 +146,19 @@ def measure_interleaved(
     return {k: LatencyStats(v, batch_size, num_steps, warmup, _timer_name(device)) for k, v in samples.items()}
 
 
+def paired_speedup(baseline: dict[str, Any], other: dict[str, Any]) -> float:
+    """Speedup of `other` over `baseline` (`LatencyStats.to_dict()`s from one `measure_interleaved` run).
+
+    The median over rounds of the per-round ratio: each round times every configuration back to back, so a machine
+    that slows down for a while (shared and virtual CPUs do, by tens of percent) slows both sides of a ratio alike,
+    where a ratio of medians would mix rounds taken at different speeds.
+    """
+    base, mine = baseline["samples_s"], other["samples_s"]
+    if len(base) != len(mine) or not base:
+        return float(statistics.median(base) / statistics.median(mine))
+    return float(statistics.median(b / m for b, m in zip(base, mine)))
+
+
 def macs_available() -> bool:
     """Whether the core exposes `cachekit.cost.count_macs` (it is written separately from eval)."""
     try:

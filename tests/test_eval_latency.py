@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from cachekit.eval.latency import LatencyStats, count_call_macs, macs_available, measure_interleaved, measure_latency
+from cachekit.eval.latency import (
+    LatencyStats,
+    count_call_macs,
+    macs_available,
+    measure_interleaved,
+    measure_latency,
+    paired_speedup,
+)
 
 
 def test_statistics_per_image_and_per_step():
@@ -45,6 +52,15 @@ def test_setups_wrap_every_call_of_their_configuration_outside_the_timer():
     measure_interleaved(fns, batch_size=1, num_steps=1, warmup=1, repeats=2, progress=False,
                         setups={"cached": applied})
     assert events == ["u", "enable", "c", "disable"] + ["u", "enable", "c", "disable"] * 2
+
+
+def test_paired_speedup_cancels_a_machine_that_changes_speed_between_rounds():
+    # the machine runs at 1x, then 2x slower, then 1x: the cached call is always half the uncached one
+    uncached = {"samples_s": [1.0, 2.0, 1.0]}
+    cached = {"samples_s": [0.5, 1.0, 0.5]}
+    assert paired_speedup(uncached, cached) == 2.0
+    assert paired_speedup(uncached, uncached) == 1.0
+    assert paired_speedup({"samples_s": [1.0, 3.0]}, {"samples_s": [1.0]}) == 2.0  # unpaired: ratio of medians
 
 
 def test_macs_are_counted_by_the_core_counter():
