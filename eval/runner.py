@@ -9,6 +9,7 @@ the main process only, interleaving all configurations, so speedups are relative
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -221,27 +222,25 @@ def evaluate(
     if dist.is_main and (latency or macs):
         lat_n = min(latency_batch_size or batch_size, n)
         lat_prompts, lat_seeds = prompt_set.prompts[:lat_n], [base_seed + i for i in range(lat_n)]
+        # one call per configuration, its cache applied around it by `setups` (outside the timer: a deployment
+        # applies a cache once); peers (variants on their own pipelines) were applied before, so all are timed alike
+        import cachekit
+
         calls = {
-            name: (lambda t=target, p=plan, k=steps: generate(t, p, lat_prompts, lat_seeds, k, pipe_kwargs))
+            name: (lambda t=target, k=steps: generate(t, None, lat_prompts, lat_seeds, k, pipe_kwargs))
             for name, (target, plan, steps) in targets.items()
         }
+        setups = {name: (lambda t=target, p=plan: cachekit.cached(t, p))
+                  for name, (target, plan, steps) in targets.items() if plan is not None}
         if latency:
-            # a cache is applied once per configuration and round, outside the timed call, as a deployment applies
-            # it once; peers (variants on their own pipelines) were applied before, so both are timed alike
-            import cachekit
-
-            timed = {
-                name: (lambda t=target, k=steps: generate(t, None, lat_prompts, lat_seeds, k, pipe_kwargs))
-                if plan is not None else calls[name]
-                for name, (target, plan, steps) in targets.items()
-            }
-            setups = {name: (lambda t=target, p=plan: cachekit.cached(t, p))
-                      for name, (target, plan, steps) in targets.items() if plan is not None}
-            stats = measure_interleaved(timed, batch_size=lat_n, num_steps=num_steps, warmup=warmup,
+            stats = measure_interleaved(calls, batch_size=lat_n, num_steps=num_steps, warmup=warmup,
                                         repeats=repeats, device=dist.device, setups=setups)
             timing["latency"] = {k: v.to_dict() for k, v in stats.items()}
         if macs:
-            timing["macs"] = {name: count_call_macs(fn) for name, fn in calls.items()}
+            timing["macs"] = {}
+            for name, fn in calls.items():
+                with setups.get(name, contextlib.nullcontext)():
+                    timing["macs"][name] = count_call_macs(fn)
         timing["protocol"] = {"warmup": warmup, "repeats": repeats, "batch_size": lat_n,
                               "timer": "cuda-events" if dist.device.type == "cuda" else "perf_counter",
                               "order": "round-robin over configurations after per-configuration warm-up",
