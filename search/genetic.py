@@ -123,10 +123,9 @@ class Genome:
             predicted_cost=None,
             measured=None,
         )
-        forecast_steps = torch.tensor([False] + [bool(g) for g in genes[self.num_mask_genes :]], dtype=torch.bool)
-        if self.num_forecast_genes and bool(forecast_steps.any()):
-            reuse = ~recompute & self.template.present.unsqueeze(0)
-            forecast = reuse & forecast_steps[:, None, None]
+        if self.num_forecast_genes:
+            forecast_steps = torch.tensor([False] + [bool(g) for g in genes[self.num_mask_genes :]])
+            forecast = ~recompute & self.template.present.unsqueeze(0) & forecast_steps[:, None, None]
             if bool(forecast.any()):
                 schedule = replace(schedule, forecast=forecast, forecast_order=self.forecast_order)
         return schedule
@@ -257,7 +256,7 @@ def run_search(
             fitnesses = evaluator.evaluate([genome.decode(ind) for ind in unique.values()])
             for key, fit in zip(unique, fitnesses):
                 cache[key] = (fit.quality, fit.cost)
-                extras[key] = {"feasible": bool(getattr(fit, "feasible", True)), **dict(getattr(fit, "details", {}))}
+                extras[key] = {"feasible": fit.feasible, **fit.details}
         for ind in individuals:
             ind.fitness.values = cache[_key(ind)]
 
