@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import CachekitError
+
 __all__ = [
     "BlockGroupSpec",
     "ModelSpec",
@@ -29,7 +31,7 @@ BLOCK_COMPONENT = "block"
 """The single component name used in whole-block residual mode."""
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(CachekitError, TypeError):
     """Raised for a transformer class that has no registry entry."""
 
 

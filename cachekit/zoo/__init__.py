@@ -16,9 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..errors import CachekitError
+
 __all__ = [
     "DIGITS_DEFAULTS",
     "call_defaults",
+    "bundled_name",
     "DIGITS_CLIP_NAME",
     "ModelNotFoundError",
     "pipeline_path",
@@ -61,12 +64,35 @@ def call_defaults(model: str) -> Dict[str, Any]:
     return {}
 
 
+def bundled_name(pipe: Any) -> Optional[str]:
+    """The bundled model a pipeline was loaded from (``"digits"``), or None for any other pipeline.
+
+    Read off the transformer's ``_name_or_path`` (kept by copies of the pipeline, which peers make) or the
+    pipeline's own, compared with the bundled folders.
+    """
+    candidates = []
+    transformer = getattr(pipe, "transformer", None)
+    for source in (getattr(getattr(transformer, "config", None), "_name_or_path", None),
+                   getattr(pipe, "name_or_path", None)):
+        if source:
+            candidates.append(Path(str(source)).expanduser())
+    for name, folder in _PIPELINES.items():
+        for path in candidates:
+            try:
+                resolved = path.resolve()
+            except OSError:
+                continue
+            if resolved == folder or folder in resolved.parents:
+                return name
+    return None
+
+
 #: Name under which :func:`register_clip` registers the digits CLIP config with open_clip.
 DIGITS_CLIP_NAME = "cachekit-digits-clip"
 _CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(CachekitError, FileNotFoundError):
     """A model folder or its weights are missing; the message says how to provide them."""
 
 

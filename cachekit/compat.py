@@ -1,0 +1,180 @@
+"""Every private diffusers internal cachekit touches, in one place.
+
+cachekit builds on diffusers' public hook API (`HookRegistry`, `ModelHook`); a few things it needs have no public
+spelling yet: the `CacheContext` a pipeline sets with `transformer.cache_context(...)` is only delivered to stateful
+hooks holding a `StateManager`, the block-list names and attention classes diffusers' caches match on, the names of
+their hooks, and a pipeline's progress-bar settings. `check_diffusers()` asserts each of them still exists with the
+expected shape, and the test suite runs it, so a diffusers release that moves one fails loudly in one test instead
+of silently disabling caching. pyproject pins diffusers to the range that check passes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "CacheContextReceiver",
+    "CacheContext",
+    "set_cache_context",
+    "hook_registry",
+    "existing_registry",
+    "child_registries",
+    "stateful_contexts",
+    "transformer_block_identifiers",
+    "attention_classes",
+    "block_registry_has",
+    "PEER_HOOK_NAMES",
+    "progress_bar_config",
+    "check_diffusers",
+]
+
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+
+
+class CacheContextReceiver(StateManager):
+    """Receives the `CacheContext` diffusers pipelines set with `transformer.cache_context(name, step_index=...)`.
+
+    diffusers hands the context only to `StateManager` attributes of stateful hooks; holding one is how a hook
+    learns the CFG branch name and the step index the pipeline declares.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(BaseState)
+
+    @property
+    def current(self) -> Any:
+        """The context set for the call in progress, or None outside `cache_context`."""
+        return self._context
+
+
+def set_cache_context(module: nn.Module, context: CacheContext | None) -> None:
+    """Set (None: clear) the cache context on every stateful hook under `module`, as `cache_context` does."""
+    _set_cache_context(module, context)
+
+
+def hook_registry(module: nn.Module) -> HookRegistry:
+    """The module's diffusers hook registry, created if it has none."""
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+def existing_registry(module: nn.Module) -> HookRegistry | None:
+    """The module's diffusers hook registry if it has one (never creates it)."""
+    return getattr(module, "_diffusers_hook", None)
+
+
+def child_registries(registry: HookRegistry) -> list[HookRegistry]:
+    """The registries of the sub-modules under `registry`'s module."""
+    return registry._get_child_registries()
+
+
+def stateful_contexts(module: nn.Module) -> list[Any]:
+    """The cache contexts currently set on the stateful diffusers hooks under `module` (None where unset)."""
+    registry = hook_registry(module)
+    found = []
+    for child in (registry, *child_registries(registry)):
+        for hook in child.hooks.values():
+            if hook._is_stateful:
+                found.extend(attr._context for attr in vars(hook).values() if isinstance(attr, StateManager))
+    return found
+
+
+def transformer_block_identifiers() -> tuple[str, ...]:
+    """The attribute names diffusers' block caches look for transformer block lists under."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    return tuple(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
+
+
+def attention_classes() -> tuple[type, ...]:
+    """The module classes diffusers' attention caches (TaylorSeer, FasterCache, PAB) hook."""
+    from diffusers.hooks._common import _ATTENTION_CLASSES
+
+    return tuple(_ATTENTION_CLASSES)
+
+
+def block_registry_has(block_class: type) -> bool:
+    """Whether diffusers' `TransformerBlockRegistry` (used by FBCache and MagCache) knows a block class."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    try:
+        TransformerBlockRegistry.get(block_class)
+    except ValueError:
+        return False
+    return True
+
+
+def _peer_hook_names() -> dict[str, tuple[str, ...]]:
+    from diffusers.hooks import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast
+    from diffusers.hooks import taylorseer_cache
+
+    return {
+        "fbcache": (first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK),
+        "taylorseer": (taylorseer_cache._TAYLORSEER_CACHE_HOOK,),
+        "magcache": (mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK, mag_cache._MAG_CACHE_BLOCK_HOOK),
+        "fastercache": (faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK),
+        "pab": (pyramid_attention_broadcast._PYRAMID_ATTENTION_BROADCAST_HOOK,),
+    }
+
+
+class _LazyNames(dict):
+    """`PEER_HOOK_NAMES["fbcache"]`: the hook names each diffusers cache registers, read on first use."""
+
+    def __missing__(self, key: str) -> tuple[str, ...]:
+        if not super().__len__():
+            self.update(_peer_hook_names())
+        if key not in self.keys():
+            raise KeyError(key)
+        return super().__getitem__(key)
+
+
+PEER_HOOK_NAMES: dict[str, tuple[str, ...]] = _LazyNames()
+
+
+def progress_bar_config(pipe: Any) -> dict[str, Any]:
+    """The progress-bar settings a pipeline was given with `set_progress_bar_config` ({} if none)."""
+    return dict(getattr(pipe, "_progress_bar_config", None) or {})
+
+
+def check_diffusers() -> list[str]:
+    """What of the above no longer matches the installed diffusers (an empty list: everything does)."""
+    problems: list[str] = []
+
+    def expect(condition: bool, what: str) -> None:
+        if not condition:
+            problems.append(what)
+
+    receiver = CacheContextReceiver()
+    expect(hasattr(receiver, "_context") and receiver.current is None, "StateManager._context")
+    expect(callable(getattr(HookRegistry, "_get_child_registries", None)), "HookRegistry._get_child_registries")
+    expect("context" in inspect.signature(_set_cache_context).parameters, "hooks._set_cache_context(module, context)")
+    expect({"name", "step_index", "num_inference_steps"} <= set(inspect.signature(CacheContext).parameters),
+           "CacheContext(name, step_index, num_inference_steps)")
+    try:
+        expect(bool(transformer_block_identifiers()), "_common._ALL_TRANSFORMER_BLOCK_IDENTIFIERS")
+        expect(bool(attention_classes()), "_common._ATTENTION_CLASSES")
+    except ImportError as err:
+        problems.append(f"diffusers.hooks._common: {err}")
+    try:
+        from diffusers.models.attention import BasicTransformerBlock
+
+        expect(block_registry_has(BasicTransformerBlock), "_helpers.TransformerBlockRegistry knows BasicTransformerBlock")
+    except ImportError as err:
+        problems.append(f"diffusers.hooks._helpers: {err}")
+    try:
+        names = _peer_hook_names()
+        expect(all(all(isinstance(n, str) and n for n in v) for v in names.values()), "peer hook names")
+    except (ImportError, AttributeError) as err:
+        problems.append(f"peer hook names: {err}")
+    from diffusers import DiffusionPipeline
+
+    expect(hasattr(DiffusionPipeline, "set_progress_bar_config"), "DiffusionPipeline.set_progress_bar_config")
+    from diffusers.hooks import ModelHook
+    from diffusers.hooks.hooks import HookFunctionReference
+
+    expect(hasattr(ModelHook, "reset_state"), "ModelHook.reset_state")
+    expect("original_forward" in vars(HookFunctionReference()), "HookFunctionReference.original_forward")
+    return problems
