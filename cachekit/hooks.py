@@ -2,33 +2,43 @@
 
 Three pieces, in diffusers' hooks shape:
 
-- `CacheSession`: the state one enabled transformer shares between its hooks: the plan (a `Schedule`, or later a
-  runtime policy), the per-row caches, and the rows of the forward pass in progress.
-- `StepTrackerHook` on the transformer: before every forward it works out, per batch row, the denoising step and the
-  cache key, from explicit state (the streaming runner's rows, or the step index diffusers pipelines put in
-  `cache_context`) or else from the `timestep` argument matched against the scheduler's timesteps. It never counts
-  calls. It frees the caches when a generation ends, and when the forward raises.
+- `CacheSession`: what one enabled transformer's hooks share: the default plan, the per-row caches, the request
+  states of runtime policies, and (per thread or asyncio task, in context variables) the rows of the forward pass in
+  progress. Nothing about one forward is kept on the session itself, so two threads can drive forwards with their
+  own rows without reading each other's.
+- `StepTrackerHook` on the transformer: before every forward it works out, per batch row, the denoising step, the
+  step count, the cache key and the plan, from explicit state (the streaming runner's `cachekit.rows`, or the step
+  index diffusers pipelines put in `cache_context`) or else from the `timestep` argument matched against the
+  scheduler's timesteps. It never counts calls. Caches are freed per request: when a row's last step ran, when a
+  forward raises (for that forward's rows), when a plain pipeline call ends (for that call's rows), and on
+  `cachekit.release` (the runner's cancellations).
 - `ComponentCacheHook` on each cacheable sub-module (ECAD semantics: reuse the raw output; the block's gates, shifts
   and residual stream stay live) and `BlockResidualHook` on whole blocks (FORA / Delta-DiT semantics: reuse the
-  block's residual `output - input`). Rows that compute run alone when others reuse, and results are scattered
-  back among the cached ones.
+  block's residual `output - input`). Rows that compute run alone when others reuse, and results are scattered back
+  among the cached ones. With both kinds attached, rows under block-mode plans and rows under component-mode plans
+  share one forward.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import itertools
 import logging
-from collections.abc import Hashable
-from typing import Any, Protocol
+import weakref
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Protocol
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks import ModelHook
 from torch import nn
 
-from .registry import ModelLayout, ModelSpec
+from .compat import CacheContextReceiver, existing_registry, hook_registry
+from .registry import ModelLayout, ModelSpec, resolve_layout
 from .schedule import ScheduleError
-from .state import CacheStats, RowCache, StepRows, map_tensors, merge_rows
+from .state import CacheStats, CallRowKey, RowCache, StepRows, map_tensors, merge_rows, take_rows
+from .timesteps import match_steps, row_timesteps, scheduler_timesteps
 
 __all__ = [
     "CachePlan",
@@ -40,20 +50,26 @@ __all__ = [
     "STEP_TRACKER_HOOK",
     "CACHE_HOOK",
     "PROBE_HOOK",
+    "FIRST_INPUT",
 ]
 
 logger = logging.getLogger(__name__)
 
 STEP_TRACKER_HOOK = "cachekit.step_tracker"
 CACHE_HOOK = "cachekit.cache"
-PROBE_HOOK = "cachekit.probe"  # runtime policies' read-only observers
+PROBE_HOOK = "cachekit.probe"  # the read-only observer of the first block's input, for runtime policies
+FIRST_INPUT = "cachekit.first_input"
+"""Key in a forward's `StepRows.scratch`: `{cache key: the first block's first component input for that row}`."""
+
+_session_ids = itertools.count()
 
 
 class CachePlan(Protocol):
     """What the hooks ask of a schedule or a runtime policy: compute this component for which rows?
 
-    `Schedule` is the static plan. Runtime policies (TeaCache, MagCache, first-block cache) also implement the
-    optional `RuntimePlan` methods to watch what the model computes and keep per-request state.
+    `Schedule` is the static plan. Runtime policies (TeaCache, MagCache, first-block cache) also implement
+    `RuntimePlan.observe` to watch what the model computed; they keep no state of their own between forwards but
+    `rows.state(key)` (per request, owned by the session) and `rows.scratch` (per forward).
     """
 
     mode: str  # "component" or "block"
@@ -63,184 +79,357 @@ class CachePlan(Protocol):
 
 
 class RuntimePlan(CachePlan, Protocol):
-    def attach(self, transformer: nn.Module, session: "CacheSession") -> None: ...
+    needs_input_probe: bool  # reads `rows.scratch[FIRST_INPUT]`
 
-    def detach(self, transformer: nn.Module) -> None: ...
+    def observe(self, rows: StepRows, block: int, component: int, value: Any) -> None:
+        """Called after `component` of `block` computed for `rows`: `value` is what was cached, row-aligned."""
 
-    def observe(self, rows: StepRows, block: int, component: int, row_index: torch.Tensor | None, value: Any) -> None:
-        """Called after `component` of `block` computed: `value` is what was cached, for `row_index` rows (None: all)."""
 
-    def drop(self, keys: tuple[Hashable, ...]) -> None: ...
+class _Compiled:
+    """One plan at one step count, in the form the hooks consult at every component call."""
+
+    __slots__ = ("plan", "mode", "table", "decider", "forecast", "forecast_table", "order", "observe")
+
+    def __init__(self, plan: Any, num_steps: int) -> None:
+        self.plan = plan
+        self.mode = None if plan is None else getattr(plan, "mode", "component")
+        self.table = self.forecast = self.forecast_table = self.observe = None
+        self.decider: Callable[..., Any] | None = None
+        self.order = 0
+        if plan is None:
+            return
+        schedule_for = getattr(plan, "schedule_for", None)
+        schedule = schedule_for(num_steps) if schedule_for is not None else None
+        if schedule is None and plan.num_steps is not None and plan.num_steps != num_steps:
+            check = getattr(plan, "check_steps", None)
+            if check is not None:
+                check(num_steps)
+            raise ScheduleError(f"plan has {plan.num_steps} steps but the pipeline runs {num_steps}")
+        source = schedule if schedule is not None else plan
+        recompute = getattr(source, "recompute", None)
+        if isinstance(recompute, torch.Tensor):
+            self.table = recompute.tolist()
+        self.decider = source.decide
+        forecast = getattr(source, "forecast", None)
+        if isinstance(forecast, torch.Tensor):
+            self.forecast, self.forecast_table = forecast, forecast.tolist()
+            self.order = int(getattr(source, "forecast_order", 0))
+        self.observe = getattr(plan, "observe", None)
+
+    def decide(self, rows: StepRows, block: int, component: int, mode: str) -> bool | torch.Tensor:
+        if self.mode != mode:  # uncached rows, or a plan of the other mode: this hook computes for them
+            return True
+        if self.table is not None and rows.uniform_step is not None:
+            return self.table[rows.uniform_step][block][component]
+        return self.decider(rows, block, component)
+
+
+class _PlanGroup:
+    """The rows of one forward that share a plan and a step count (`index` None: all of them)."""
+
+    __slots__ = ("compiled", "index", "rows")
+
+    def __init__(self, compiled: _Compiled, index: torch.Tensor | None, rows: StepRows) -> None:
+        self.compiled, self.index, self.rows = compiled, index, rows
+
+
+class _PlanMemo:
+    """Compiled plans by identity, held weakly: a server resolving a plan per request does not grow this."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, dict[int, _Compiled]]] = {}
+
+    def get(self, plan: Any) -> dict[int, _Compiled] | None:
+        entry = self._entries.get(id(plan))
+        if entry is None:
+            return None
+        ref, compiled = entry
+        return compiled if (ref() if isinstance(ref, weakref.ref) else ref) is plan else None
+
+    def add(self, plan: Any) -> dict[int, _Compiled]:
+        key = id(plan)
+        try:
+            ref: Any = weakref.ref(plan, lambda _, key=key, entries=self._entries: entries.pop(key, None))
+        except TypeError:  # not weak-referenceable: keep it
+            ref = plan
+        compiled: dict[int, _Compiled] = {}
+        self._entries[key] = (ref, compiled)
+        return compiled
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 class CacheSession:
-    """State shared by all cachekit hooks of one transformer."""
+    """State shared by all cachekit hooks of one transformer.
 
-    def __init__(self, plan: CachePlan, layout: ModelLayout, spec: ModelSpec, scheduler: Any | None = None) -> None:
+    Args:
+        plan: the default plan of every row (None: rows are uncached unless `cachekit.rows` gives them a plan).
+        transformer: the transformer the hooks sit on.
+        spec: its registry entry.
+        modes: which hook kinds are attached: ("component",), ("block",) or both.
+        scheduler: whose timesteps the transformer is called with (to read the step off the `timestep` argument).
+    """
+
+    def __init__(self, plan: Any, transformer: nn.Module, spec: ModelSpec, modes: tuple[str, ...],
+                 scheduler: Any | None = None) -> None:
         self.plan = plan
-        self.layout = layout
+        self.transformer = transformer
         self.spec = spec
+        self.modes = modes
+        self.layouts: dict[str, ModelLayout] = {mode: resolve_layout(transformer, mode) for mode in modes}
         self.scheduler = scheduler
-        self.caches: dict[tuple[int, int], RowCache] = {}
+        self.caches: list[RowCache] = []
         self.stats = CacheStats()
-        self.current: StepRows | None = None
-        self.explicit_rows: StepRows | None = None
-        self.branch_label: Hashable = None
-        recompute = getattr(plan, "recompute", None)
-        self._table = recompute.tolist() if isinstance(recompute, torch.Tensor) else None
-        self._observe = getattr(plan, "observe", None)
-        forecast = getattr(plan, "forecast", None)
-        self.forecast_order = int(getattr(plan, "forecast_order", 0)) if forecast is not None else 0
-        self._forecast = forecast.tolist() if forecast is not None else None
-        self._forecast_mask = forecast
+        self.request_states: dict[Hashable, dict[str, Any]] = {}
+        self.has_observers = False
+        self._depth = 1
+        self._memo = _PlanMemo()
+        self._probe_attached = False
+        uid = next(_session_ids)
+        self._rows: contextvars.ContextVar[StepRows | None] = contextvars.ContextVar(f"cachekit.rows.{uid}",
+                                                                                   default=None)
+        self._explicit: contextvars.ContextVar[StepRows | None] = contextvars.ContextVar(
+            f"cachekit.explicit_rows.{uid}", default=None)
+        self._branch: contextvars.ContextVar[Hashable] = contextvars.ContextVar(f"cachekit.branch.{uid}",
+                                                                              default=None)
 
-    def forecast_rows(self, rows: StepRows, row_index: torch.Tensor | None, block: int, component: int) -> Any:
-        """For the reusing rows (`row_index`; None: all), which ones extrapolate instead of reusing: bool or tensor."""
-        if self._forecast is None:
-            return False
-        if rows.uniform_step is not None:
-            return self._forecast[rows.uniform_step][block][component]
-        steps = rows.steps if row_index is None else rows.steps[row_index]
-        return self._forecast_mask[steps, block, component]
+    @property
+    def layout(self) -> ModelLayout:
+        """The layout of the default plan's mode (the first attached mode without one)."""
+        mode = getattr(self.plan, "mode", None)
+        return self.layouts[mode if mode in self.layouts else self.modes[0]]
 
-    def serve(self, cache: RowCache, rows: StepRows, row_index: torch.Tensor | None, block: int, component: int) -> Any:
-        """Cached values for reusing rows: plain reuse, or a forecast where the schedule says so."""
-        keys = rows.keys if row_index is None else [rows.keys[i] for i in row_index.tolist()]
-        forecast = self.forecast_rows(rows, row_index, block, component)
-        if forecast is False or (isinstance(forecast, torch.Tensor) and not bool(forecast.any())):
-            return cache.gather(keys)
-        steps = rows.steps if row_index is None else rows.steps[row_index]
-        if forecast is True or bool(forecast.all()):
-            return cache.forecast(keys, steps, self.forecast_order)
-        f_rows, r_rows = forecast.nonzero().flatten(), (~forecast).nonzero().flatten()
-        parts = [
-            (f_rows, cache.forecast([keys[i] for i in f_rows.tolist()], steps[f_rows], self.forecast_order)),
-            (r_rows, cache.gather([keys[i] for i in r_rows.tolist()])),
-        ]
-        return merge_rows(parts, len(keys))
-
-    def decide(self, rows: StepRows, block: int, component: int) -> bool | torch.Tensor:
-        """True / False for the whole batch when that is known cheaply, else a per-row bool tensor."""
-        if rows.uniform_step is not None and self._table is not None:
-            return self._table[rows.uniform_step][block][component]
-        return self.plan.decide(rows, block, component)
-
-    def observe(self, block: int, component: int, row_index: torch.Tensor | None, value: Any) -> None:
-        if self._observe is not None:
-            self._observe(self.current, block, component, row_index, value)
-
-    def cache_for(self, block: int, component: int) -> RowCache:
-        key = (block, component)
-        if key not in self.caches:
-            self.caches[key] = RowCache(depth=self.forecast_order + 1)
-        return self.caches[key]
+    # -------------------------------------------------------------- caches and request lifetimes
+    def new_cache(self) -> RowCache:
+        cache = RowCache(depth=self._depth)
+        self.caches.append(cache)
+        return cache
 
     @property
     def cached_entries(self) -> int:
-        """How many row entries are alive across all caches (0 after a generation ends)."""
-        return sum(len(cache) for cache in self.caches.values())
+        """How many row entries are alive across all caches (0 once every request ended)."""
+        return sum(len(cache) for cache in self.caches)
 
-    def drop(self, keys: tuple[Hashable, ...]) -> None:
-        for cache in self.caches.values():
+    def cached_keys(self) -> set[Hashable]:
+        """The request keys that still hold cache entries or policy state."""
+        keys = set(self.request_states)
+        for cache in self.caches:
+            keys.update(cache.keys())
+        return keys
+
+    def cached_bytes(self) -> int:
+        """Tensor memory the caches keep alive."""
+        return sum(cache.nbytes() for cache in self.caches)
+
+    def release(self, keys: tuple[Hashable, ...] | list[Hashable]) -> None:
+        """Free everything held for these requests: cached values and runtime-policy state."""
+        for cache in self.caches:
             cache.drop(keys)
-        plan_drop = getattr(self.plan, "drop", None)
-        if plan_drop is not None:
-            plan_drop(keys)
+        for key in keys:
+            self.request_states.pop(key, None)
 
     def clear(self) -> None:
-        for cache in self.caches.values():
+        """Free every request's cache and state."""
+        for cache in self.caches:
             cache.clear()
-        plan_clear = getattr(self.plan, "clear", None)
-        if plan_clear is not None:
-            plan_clear()
-        self.current = None
+        self.request_states.clear()
+
+    def end_call(self) -> None:
+        """A plain pipeline call ended: free its rows (keyed `CallRowKey`), never other requests' caches."""
+        call_keys = [key for key in self.cached_keys() if isinstance(key, CallRowKey)]
+        if call_keys:
+            self.release(call_keys)
+
+    # -------------------------------------------------------------- plans per row
+    def _compile(self, plan: Any, num_steps: int) -> _Compiled:
+        if plan is None:
+            return _UNCACHED
+        compiled = self._memo.get(plan)
+        if compiled is None:
+            compiled = self._memo.add(plan)
+        entry = compiled.get(num_steps)
+        if entry is None:
+            self._admit(plan)
+            entry = compiled[num_steps] = _Compiled(plan, num_steps)
+            if entry.order + 1 > self._depth:
+                self._depth = entry.order + 1
+                for cache in self.caches:
+                    cache.depth = max(cache.depth, self._depth)
+            if entry.observe is not None:
+                self.has_observers = True
+        return entry
+
+    def _admit(self, plan: Any) -> None:
+        """First sight of a plan: it must fit the model and the attached hook kinds."""
+        mode = getattr(plan, "mode", "component")
+        if mode not in self.modes:
+            raise ScheduleError(
+                f"a {mode}-mode plan on a transformer enabled for {' and '.join(self.modes)} mode: enable cachekit "
+                f"with modes=('block', 'component') to serve both")
+        validate = getattr(plan, "validate_for", None)
+        if validate is not None:
+            validate(self.transformer)
+        if getattr(plan, "needs_input_probe", False) and not self._probe_attached:
+            attach_input_probe(self.transformer, self)
+            self._probe_attached = True
+
+    def groups_of(self, rows: StepRows) -> list[_PlanGroup]:
+        """Rows grouped by (plan, step count), compiled; cached on the rows object."""
+        groups = rows.groups
+        if groups is not None:
+            return groups
+        if rows.plans is None and rows.num_steps is not None:
+            groups = [_PlanGroup(self._compile(self.plan, rows.num_steps), None, rows)]
+        else:
+            buckets: dict[tuple[int, int], list[int]] = {}
+            plans: dict[int, Any] = {}
+            for i, count in enumerate(rows.step_counts):
+                plan = rows.plan_of(i, self.plan)
+                plans[id(plan)] = plan
+                buckets.setdefault((id(plan), count), []).append(i)
+            if len(buckets) == 1:
+                (pid, count), = buckets
+                groups = [_PlanGroup(self._compile(plans[pid], count), None, rows)]
+            else:
+                groups = []
+                for (pid, count), index in buckets.items():
+                    sub = rows.subset(index)
+                    group = _PlanGroup(self._compile(plans[pid], count), torch.tensor(index), sub)
+                    sub.groups = [_PlanGroup(group.compiled, None, sub)]
+                    groups.append(group)
+        rows.groups = groups
+        return groups
+
+    def decide(self, rows: StepRows, block: int, component: int, mode: str) -> bool | torch.Tensor:
+        """True / False for the whole batch when that is known cheaply, else a per-row bool tensor."""
+        groups = rows.groups or self.groups_of(rows)
+        if len(groups) == 1:
+            return groups[0].compiled.decide(rows, block, component, mode)
+        decision = torch.ones(rows.batch_size, dtype=torch.bool)
+        for group in groups:
+            part = group.compiled.decide(group.rows, block, component, mode)
+            if part is not True:
+                decision[group.index] = part
+        return decision
+
+    def forecast_orders(self, rows: StepRows, row_index: torch.Tensor | None, block: int,
+                        component: int) -> int | list[int]:
+        """For the reusing rows (`row_index`; None: all), the TaylorSeer order serving each (0: plain reuse)."""
+        groups = rows.groups or self.groups_of(rows)
+        if len(groups) == 1:
+            compiled = groups[0].compiled
+            if compiled.forecast_table is None:
+                return 0
+            if rows.uniform_step is not None:
+                return compiled.order if compiled.forecast_table[rows.uniform_step][block][component] else 0
+            steps = rows.steps if row_index is None else rows.steps[row_index]
+            return [compiled.order if m else 0 for m in compiled.forecast[steps, block, component].tolist()]
+        per_row = [0] * rows.batch_size
+        for group in groups:
+            compiled = group.compiled
+            if compiled.forecast is None:
+                continue
+            mask = compiled.forecast[group.rows.steps, block, component].tolist()
+            for i, m in zip(group.index.tolist(), mask):
+                per_row[i] = compiled.order if m else 0
+        orders = per_row if row_index is None else [per_row[i] for i in row_index.tolist()]
+        return orders[0] if len(set(orders)) == 1 else orders
+
+    def serve(self, cache: RowCache, rows: StepRows, row_index: torch.Tensor | None, block: int,
+              component: int) -> Any:
+        """Cached values for reusing rows: plain reuse, or a forecast where the plan says so."""
+        keys = rows.keys if row_index is None else [rows.keys[i] for i in row_index.tolist()]
+        orders = self.forecast_orders(rows, row_index, block, component)
+        steps = rows.steps if row_index is None else rows.steps[row_index]
+        if isinstance(orders, int):
+            return cache.gather(keys) if orders == 0 else cache.forecast(keys, steps, orders)
+        parts = []
+        for order in sorted(set(orders)):
+            index = torch.tensor([i for i, o in enumerate(orders) if o == order])
+            chosen = [keys[i] for i in index.tolist()]
+            parts.append((index, cache.gather(chosen) if order == 0 else cache.forecast(chosen, steps[index], order)))
+        return merge_rows(parts, len(keys))
+
+    def observe(self, rows: StepRows, block: int, component: int, value: Any) -> None:
+        """Hand what `rows` just computed to the plans that watch (runtime policies); `value` is row-aligned."""
+        if not self.has_observers:
+            return
+        for group in rows.groups or self.groups_of(rows):
+            observe = group.compiled.observe
+            if observe is not None:
+                observe(group.rows, block, component, value if group.index is None else take_rows(value, group.index))
 
     # -------------------------------------------------------------- the forward pass lifecycle
-    def begin(self, rows: StepRows) -> None:
-        self.plan_steps_check(rows.num_steps)
-        starting = tuple(key for key, step in zip(rows.keys, rows.steps.tolist()) if step == 0)
+    def current_rows(self) -> StepRows | None:
+        """The rows of the forward in progress in this thread or task (None outside one)."""
+        return self._rows.get()
+
+    @contextmanager
+    def narrowed(self, rows: StepRows) -> Iterator[None]:
+        """Inner hooks see `rows` (a subset computing on its own) for the duration of the block."""
+        token = self._rows.set(rows)
+        try:
+            yield
+        finally:
+            self._rows.reset(token)
+
+    def begin(self, rows: StepRows) -> StepRows:
+        """Start a forward: bind the rows to this session's request states, check their plans, drop stale caches."""
+        rows = rows.for_forward(self.request_states)
+        self.groups_of(rows)
+        starting = rows.starting()
         if starting:
-            self.drop(starting)  # leftovers of an interrupted generation under the same key
-        self.current = rows
+            self.release(starting)  # leftovers of an interrupted generation under the same key
+        return rows
 
     def end(self, rows: StepRows) -> None:
-        self.current = None
-        finished = tuple(key for key, step in zip(rows.keys, rows.steps.tolist()) if step >= rows.num_steps - 1)
+        finished = rows.finishing()
         if finished:
-            self.drop(finished)
+            self.release(finished)
 
-    def plan_steps_check(self, num_steps: int) -> None:
-        if self.plan.num_steps is not None and num_steps != self.plan.num_steps:
-            check = getattr(self.plan, "check_steps", None)
-            if check is not None:
-                check(num_steps)
-            raise ScheduleError(f"plan has {self.plan.num_steps} steps but the pipeline runs {num_steps}")
+    def fail(self, rows: StepRows) -> None:
+        """The forward raised: its rows' caches may be half-updated, so they are freed; other requests keep theirs."""
+        self.release(rows.keys)
+
+    @contextmanager
+    def declare_rows(self, rows: StepRows) -> Iterator[None]:
+        token = self._explicit.set(rows)
+        try:
+            yield
+        finally:
+            self._explicit.reset(token)
+
+    @contextmanager
+    def branch(self, label: Hashable) -> Iterator[None]:
+        token = self._branch.set(label)
+        try:
+            yield
+        finally:
+            self._branch.reset(token)
 
     # -------------------------------------------------------------- working out the rows
-    def resolve_rows(self, batch_size: int, timestep: Any, context: Any) -> StepRows:
+    def resolve_rows(self, batch_size: int, timestep: Callable[[], Any], context: Any) -> StepRows:
         """Per-row steps and keys for this forward, from explicit state first, never from call counts."""
-        if self.explicit_rows is not None:
-            if self.explicit_rows.batch_size != batch_size:
+        explicit = self._explicit.get()
+        if explicit is not None:
+            if explicit.batch_size != batch_size:
                 raise ValueError(
-                    f"cachekit.rows() set {self.explicit_rows.batch_size} rows but the transformer got a batch of "
-                    f"{batch_size}"
-                )
-            return self.explicit_rows
-        label = getattr(context, "name", None) if context is not None else self.branch_label
+                    f"cachekit.rows() set {explicit.batch_size} rows but the transformer got a batch of {batch_size}")
+            return explicit
+        label = getattr(context, "name", None) if context is not None else self._branch.get()
         step_index = getattr(context, "step_index", None)
-        num_steps = getattr(context, "num_inference_steps", None)
         if step_index is not None:
+            num_steps = getattr(context, "num_inference_steps", None)
             if num_steps is None:
-                num_steps = self._scheduler_timesteps().numel()
+                num_steps = scheduler_timesteps(self.scheduler).numel()
             return StepRows.uniform(step_index, batch_size, int(num_steps), label)
-        steps, num_steps = self._steps_from_timestep(timestep, batch_size)
-        return StepRows(steps, tuple((label, i) for i in range(batch_size)), num_steps)
-
-    def _scheduler_timesteps(self) -> torch.Tensor:
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        if timesteps is None:
-            raise RuntimeError(
-                "cachekit cannot tell the denoising step: enable it on the pipeline (not the bare transformer), pass "
-                "scheduler= to cachekit.enable, or set rows explicitly with cachekit.rows(...)"
-            )
-        return torch.as_tensor(timesteps).detach().float().cpu()
-
-    def _steps_from_timestep(self, timestep: Any, batch_size: int) -> tuple[torch.Tensor, int]:
-        timesteps = self._scheduler_timesteps()
-        if timestep is None:
-            raise RuntimeError(f"the transformer was called without its {self.spec.timestep_arg!r} argument")
-        values = torch.as_tensor(timestep).detach().float().cpu() * self.spec.timestep_scale
-        if values.ndim == 0:
-            values = values.expand(batch_size)
-        elif values.ndim > 1:  # per-token timesteps (Wan 2.2 TI2V): the row's step is its largest timestep
-            values = values.flatten(1).amax(1)
-        if values.shape[0] != batch_size:
-            values = values[:1].expand(batch_size)
-        distance = (values[:, None] - timesteps[None, :]).abs()
-        steps = distance.argmin(1)
-        distinct = timesteps.unique()
-        spacing = (distinct[1:] - distinct[:-1]).abs().min().item() if distinct.numel() > 1 else 1.0
-        worst = distance.gather(1, steps[:, None]).max().item()
-        if worst > 0.5 * spacing:
-            raise RuntimeError(
-                f"timestep {values.tolist()} is not one of the scheduler's timesteps; if the pipeline rescales "
-                f"timesteps, set timestep_scale in its cachekit registry entry"
-            )
-        if distinct.numel() < timesteps.numel():  # repeated timesteps (2nd-order solvers): ask the scheduler
-            step_index = getattr(self.scheduler, "step_index", None)
-            steps = torch.full_like(steps, int(step_index or 0))
-        return steps.long(), timesteps.numel()
+        values = row_timesteps(timestep(), batch_size, self.spec.timestep_scale)
+        steps, num_steps = match_steps(values, self.scheduler)
+        return StepRows(steps, tuple(CallRowKey(label, i) for i in range(batch_size)), num_steps)
 
 
-class _CacheContextProbe(StateManager):
-    """Receives the `CacheContext` diffusers pipelines set with `transformer.cache_context(name, step_index=...)`."""
-
-    def __init__(self) -> None:
-        super().__init__(BaseState)
-
-    @property
-    def current(self) -> Any:
-        return self._context
+_UNCACHED = _Compiled(None, 1)
 
 
 class StepTrackerHook(ModelHook):
@@ -251,7 +440,7 @@ class StepTrackerHook(ModelHook):
     def __init__(self, session: CacheSession) -> None:
         super().__init__()
         self.session = session
-        self.cache_context = _CacheContextProbe()
+        self.cache_context = CacheContextReceiver()
         self._signature: inspect.Signature | None = None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
@@ -266,20 +455,24 @@ class StepTrackerHook(ModelHook):
         return bound.arguments.get(name)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        batch_size = _batch_size(args, kwargs)
-        rows = self.session.resolve_rows(batch_size, self._timestep(args, kwargs), self.cache_context.current)
+        session = self.session
+        declared = session.resolve_rows(_batch_size(args, kwargs), lambda: self._timestep(args, kwargs),
+                                        self.cache_context.current)
+        rows = session.begin(declared)
+        token = session._rows.set(rows)
         try:
-            self.session.begin(rows)
             output = self.fn_ref.original_forward(*args, **kwargs)
         except BaseException:
-            self.session.clear()
+            session.fail(rows)
             raise
-        self.session.end(rows)
+        finally:
+            session._rows.reset(token)
+        session.end(rows)
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        """Called by diffusers at the end of every pipeline `__call__`: the generation is over."""
-        self.session.clear()
+        """Called by diffusers at the end of every pipeline `__call__`: that call's generation is over."""
+        self.session.end_call()
         return module
 
 
@@ -294,6 +487,7 @@ class _RowCachingHook(ModelHook):
     """Shared machinery: decide per row, compute some rows, serve the rest, scatter them back together."""
 
     serve_needs_inputs = False
+    mode = "component"
 
     def __init__(self, session: CacheSession, block: int, component: int, name: str, unbatched: frozenset[str]):
         super().__init__()
@@ -302,6 +496,7 @@ class _RowCachingHook(ModelHook):
         self.component = component
         self.name = name
         self.unbatched = unbatched
+        self.cache = session.new_cache()
         self._signature: inspect.Signature | None = None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
@@ -316,50 +511,53 @@ class _RowCachingHook(ModelHook):
         return cached
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        rows = self.session.current
+        session = self.session
+        rows = session._rows.get()
         if rows is None:  # called outside a tracked transformer forward: behave like the stock module
             return self.fn_ref.original_forward(*args, **kwargs)
-        session = self.session
-        cache = session.cache_for(self.block, self.component)
-        decision = session.decide(rows, self.block, self.component)
+        cache = self.cache
+        batch = rows.batch_size
+        decision = session.decide(rows, self.block, self.component, self.mode)
         if isinstance(decision, bool):
             compute = None
-            n_compute = rows.batch_size if decision else 0
+            n_compute = batch if decision else 0
         else:
             compute = decision
             n_compute = int(compute.sum())
-            if n_compute in (0, rows.batch_size):
+            if n_compute in (0, batch):
                 compute = None
-        if n_compute < rows.batch_size:
+        if n_compute < batch:
             reuse_keys = rows.keys if compute is None else [k for k, c in zip(rows.keys, compute.tolist()) if not c]
             if not cache.has(reuse_keys):  # nothing to reuse yet (e.g. a request joined mid-way): compute
                 session.stats.misses += len(reuse_keys)
-                compute, n_compute = None, rows.batch_size
-        session.stats.record(self.name, n_compute, rows.batch_size - n_compute)
+                compute, n_compute = None, batch
+        session.stats.record(self.name, n_compute, batch - n_compute)
 
-        if n_compute == rows.batch_size:
+        if n_compute == batch:
             output = self.fn_ref.original_forward(*args, **kwargs)
             value = self._cache_value(args, kwargs, output)
             cache.store(rows.keys, value, rows.step_list)
-            session.observe(self.block, self.component, None, value)
+            session.observe(rows, self.block, self.component, value)
             return output
         if n_compute == 0:
             return self._serve(args, kwargs, session.serve(cache, rows, None, self.block, self.component))
 
         compute_rows = compute.nonzero().flatten()
         reuse_rows = (~compute).nonzero().flatten()
-        c_args, c_kwargs = self._take_input_rows(args, kwargs, compute_rows, rows.batch_size)
-        computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
+        computing = rows.subset(compute_rows)
+        c_args, c_kwargs = self._take_input_rows(args, kwargs, compute_rows, batch)
+        with session.narrowed(computing):
+            computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
         value = self._cache_value(c_args, c_kwargs, computed)
-        cache.store([rows.keys[i] for i in compute_rows.tolist()], value, [rows.step_list[i] for i in compute_rows.tolist()])
-        session.observe(self.block, self.component, compute_rows, value)
+        cache.store(computing.keys, value, computing.step_list)
+        session.observe(computing, self.block, self.component, value)
         cached = session.serve(cache, rows, reuse_rows, self.block, self.component)
         if self.serve_needs_inputs:
-            r_args, r_kwargs = self._take_input_rows(args, kwargs, reuse_rows, rows.batch_size)
+            r_args, r_kwargs = self._take_input_rows(args, kwargs, reuse_rows, batch)
             served = self._serve(r_args, r_kwargs, cached)
         else:
             served = cached
-        return merge_rows([(compute_rows, computed), (reuse_rows, served)], rows.batch_size)
+        return merge_rows([(compute_rows, computed), (reuse_rows, served)], batch)
 
     def _take_input_rows(self, args: tuple, kwargs: dict, index: torch.Tensor, batch_size: int) -> tuple[tuple, dict]:
         """Slice every batched input to the given rows; broadcast inputs (rotary embeddings, size-1) pass whole."""
@@ -403,6 +601,7 @@ class BlockResidualHook(_RowCachingHook):
     """Reuse a whole block's residual `output - input`, added to the live input (FORA, Delta-DiT)."""
 
     serve_needs_inputs = True
+    mode = "block"
 
     def __init__(self, *args: Any, residual_outputs: tuple[str, ...], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -449,41 +648,58 @@ class BlockResidualHook(_RowCachingHook):
         return served if len(served) > 1 else served[0]
 
 
-def attach_hooks(transformer: nn.Module, session: CacheSession, mode: str) -> list[nn.Module]:
-    """Register the tracker on the transformer and a cache hook per component (or block); return hooked modules."""
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+class _FirstInputProbe(ModelHook):
+    """Read-only: records the first block's first component input per row (TeaCache's modulated input)."""
+
+    def __init__(self, session: CacheSession) -> None:
+        super().__init__()
+        self.session = session
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        rows = self.session.current_rows()
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if rows is not None and isinstance(hidden, torch.Tensor) and hidden.shape[0] == rows.batch_size:
+            rows.scratch.setdefault(FIRST_INPUT, {}).update(zip(rows.keys, hidden.detach()))
+        return args, kwargs
+
+
+def attach_input_probe(transformer: nn.Module, session: CacheSession) -> None:
+    """Watch the input of the first block's first component: the modulated input on PixArt, FLUX, Wan, SD3."""
+    layout = resolve_layout(transformer, "component")
+    first = layout.blocks[0]
+    name = next(c for i, c in enumerate(layout.components) if bool(layout.present[0, i]))
+    hook_registry(getattr(first.module, name)).register_hook(_FirstInputProbe(session), PROBE_HOOK)
+    hook_registry(transformer).invalidate_child_registries_cache()
+
+
+def attach_hooks(transformer: nn.Module, session: CacheSession) -> None:
+    """Register the tracker on the transformer, and a cache hook per block and/or component as the modes say."""
+    registry = hook_registry(transformer)
     registry.register_hook(StepTrackerHook(session), STEP_TRACKER_HOOK)
-    hooked = [transformer]
-    layout = session.layout
-    for ref in layout.blocks:
-        if mode == "block":
-            hook = BlockResidualHook(
-                session,
-                ref.index,
-                0,
-                f"{ref.path}",
-                session.spec.unbatched_args,
-                residual_outputs=ref.group.residual_outputs,
-            )
-            HookRegistry.check_if_exists_or_initialize(ref.module).register_hook(hook, CACHE_HOOK)
-            hooked.append(ref.module)
-            continue
-        for c, name in enumerate(layout.components):
-            if not bool(layout.present[ref.index, c]):
-                continue
-            module = getattr(ref.module, name)
-            hook = ComponentCacheHook(session, ref.index, c, f"{ref.path}.{name}", session.spec.unbatched_args)
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, CACHE_HOOK)
-            hooked.append(module)
+    unbatched = session.spec.unbatched_args
+    if "block" in session.modes:
+        for ref in session.layouts["block"].blocks:
+            hook = BlockResidualHook(session, ref.index, 0, ref.path, unbatched,
+                                     residual_outputs=ref.group.residual_outputs)
+            hook_registry(ref.module).register_hook(hook, CACHE_HOOK)
+    if "component" in session.modes:
+        layout = session.layouts["component"]
+        for ref in layout.blocks:
+            for c, name in enumerate(layout.components):
+                if bool(layout.present[ref.index, c]):
+                    hook = ComponentCacheHook(session, ref.index, c, f"{ref.path}.{name}", unbatched)
+                    hook_registry(getattr(ref.module, name)).register_hook(hook, CACHE_HOOK)
+    if getattr(session.plan, "needs_input_probe", False):
+        attach_input_probe(transformer, session)
+        session._probe_attached = True
     registry.invalidate_child_registries_cache()
-    return hooked
 
 
 def detach_hooks(transformer: nn.Module) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry = hook_registry(transformer)
     registry.remove_hook(STEP_TRACKER_HOOK, recurse=False)
     for module in transformer.modules():
-        child = getattr(module, "_diffusers_hook", None)
+        child = existing_registry(module)
         if child is not None:
             child.remove_hook(CACHE_HOOK, recurse=False)
             child.remove_hook(PROBE_HOOK, recurse=False)
@@ -491,6 +707,6 @@ def detach_hooks(transformer: nn.Module) -> None:
 
 
 def session_of(transformer: nn.Module) -> CacheSession | None:
-    registry = getattr(transformer, "_diffusers_hook", None)
+    registry = existing_registry(transformer)
     hook = registry.get_hook(STEP_TRACKER_HOOK) if registry is not None else None
     return hook.session if hook is not None else None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CachekitError
 from .registry import BLOCK_COMPONENT, ModelLayout, resolve_layout
 from .state import StepRows
 
@@ -28,7 +29,7 @@ SCHEDULE_VERSION = 1
 PROVENANCES = ("full", "hand", "policy", "search", "solver", "transfer")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(CachekitError, ValueError):
     """A schedule that does not fit the model, the step count, or its own file format."""
 
 
@@ -178,6 +179,11 @@ class Schedule:
             raise ScheduleError("schedule's component layout per block does not match the model's")
         if num_steps is not None:
             self.check_steps(num_steps)
+
+    def schedule_for(self, num_steps: int) -> "Schedule":
+        """This schedule, if it is for `num_steps` steps (the plan protocol's per-step-count view); else an error."""
+        self.check_steps(num_steps)
+        return self
 
     def check_steps(self, num_steps: int) -> None:
         if num_steps != self.num_steps:

@@ -1,39 +1,84 @@
-"""Per-request cache state.
+"""Request-scoped cache state.
 
-Everything here is keyed per batch row. A row carries its own denoising step and its own cache key, so that the
-streaming runner can pack requests sitting at different steps into one forward pass (StreamDiffusion's Stream Batch)
-and the hooks still serve each request from its own cache. A plain pipeline call is the special case where every row
-is at the same step and the key is `(branch label, row index)`.
+Everything here is keyed per batch row. A row carries its own denoising step, its own step count, its own cache key
+and (optionally) its own plan, so that the streaming runner can pack many requests sitting at different steps, of
+different lengths and under different schedules or policies into one forward pass, and the hooks still serve each
+request from its own cache. A plain pipeline call is the special case where every row is at the same step of the
+same plan and the key is `CallRowKey(branch label, row index)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["StepRows", "RowCache", "CacheStats", "map_tensors", "take_rows", "merge_rows"]
+__all__ = ["CallRowKey", "StepRows", "RowCache", "CacheStats", "map_tensors", "take_rows", "merge_rows"]
 
 
-@dataclass(frozen=True)
+class CallRowKey(NamedTuple):
+    """The cache key of row `index` of a plain pipeline call, in CFG branch `label`.
+
+    Keys of this type belong to the pipeline call in progress and are freed when it ends; any other key (the
+    runner's request ids) is freed only by its owner (`cachekit.release`), when its last step ran, or on error.
+    """
+
+    label: Hashable
+    index: int
+
+
 class StepRows:
-    """Which denoising step and which cache key each batch row of the current forward belongs to."""
+    """Which step, step count, cache key and plan each batch row of one transformer forward belongs to.
 
-    steps: torch.Tensor  # long [batch], on CPU
-    keys: tuple[Hashable, ...]
-    num_steps: int
+    Args:
+        steps: the denoising step of each row (long, any device; kept on CPU).
+        keys: one hashable cache key per row, unique within the batch.
+        num_steps: the step count of each row's generation: one int for all rows, or one per row.
+        plans: per row, the plan that decides for it (a `Schedule`, a policy, or None: uncached); None for the whole
+            argument means every row follows the plan cachekit was enabled with.
 
-    def __post_init__(self) -> None:
-        if self.steps.ndim != 1 or len(self.keys) != self.steps.shape[0]:
+    `scratch` is shared by every subset of the same forward (what a policy learns at block 0 and uses at block 1);
+    `state(key)` is a request's state that outlives the forward (a runtime policy's accumulators), owned by the
+    session and freed with the request's cache.
+    """
+
+    __slots__ = ("steps", "keys", "plans", "step_list", "step_counts", "num_steps", "uniform_step", "scratch",
+                 "_states", "groups")
+
+    def __init__(self, steps: Any, keys: Sequence[Hashable], num_steps: int | Sequence[int] | torch.Tensor,
+                 plans: Sequence[Any] | None = None) -> None:
+        self.steps = torch.as_tensor(steps, dtype=torch.long).cpu().reshape(-1)
+        self.keys = tuple(keys)
+        batch = len(self.keys)
+        if self.steps.shape[0] != batch:
             raise ValueError("StepRows needs one step and one key per batch row")
-        if len(set(self.keys)) != len(self.keys):
+        if len(set(self.keys)) != batch:
             raise ValueError("cache keys must be unique within a batch")
-        steps = self.steps.tolist()
-        object.__setattr__(self, "step_list", steps)
+        self.step_list: list[int] = self.steps.tolist()
+        if isinstance(num_steps, torch.Tensor):
+            num_steps = num_steps.tolist()
+        counts = (int(num_steps),) * batch if isinstance(num_steps, int) else tuple(int(n) for n in num_steps)
+        if len(counts) != batch:
+            raise ValueError(f"{len(counts)} step counts for {batch} rows")
+        for step, count in zip(self.step_list, counts):
+            if count < 1 or not 0 <= step < count:
+                raise ValueError(f"step {step} is outside a {count}-step generation")
+        self.step_counts = counts
+        self.num_steps: int | None = counts[0] if counts and min(counts) == max(counts) else None
+        if isinstance(num_steps, int) and not counts:
+            self.num_steps = int(num_steps)
+        if plans is not None:
+            plans = tuple(plans)
+            if len(plans) != batch:
+                raise ValueError(f"{len(plans)} plans for {batch} rows")
+        self.plans: tuple[Any, ...] | None = plans
+        steps_ = self.step_list
         # the common case (a plain pipeline call): one step for the whole batch, decided once per component
-        object.__setattr__(self, "uniform_step", steps[0] if steps and min(steps) == max(steps) else None)
+        self.uniform_step = steps_[0] if steps_ and min(steps_) == max(steps_) else None
+        self.scratch: dict[Any, Any] = {}
+        self._states: dict[Hashable, dict[str, Any]] = {}
+        self.groups: Any = None  # filled by the session: the plan groups of these rows
 
     @property
     def batch_size(self) -> int:
@@ -41,8 +86,51 @@ class StepRows:
 
     @classmethod
     def uniform(cls, step: int, batch_size: int, num_steps: int, label: Hashable = None) -> "StepRows":
+        """Every row at `step` of a `num_steps` generation, keyed as rows of a plain pipeline call."""
         steps = torch.full((batch_size,), int(step), dtype=torch.long)
-        return cls(steps, tuple((label, i) for i in range(batch_size)), num_steps)
+        return cls(steps, tuple(CallRowKey(label, i) for i in range(batch_size)), num_steps)
+
+    def plan_of(self, row: int, default: Any) -> Any:
+        """The plan deciding for `row`: its own, or `default` (the session's) when the rows name none."""
+        return default if self.plans is None else self.plans[row]
+
+    def state(self, key: Hashable) -> dict[str, Any]:
+        """The per-request state of `key` that outlives this forward (freed with the request's cache)."""
+        return self._states.setdefault(key, {})
+
+    def for_forward(self, states: dict[Hashable, dict[str, Any]]) -> "StepRows":
+        """A copy for one forward pass: fresh scratch, request states bound to the session's."""
+        rows = StepRows.__new__(StepRows)
+        for name in ("steps", "keys", "plans", "step_list", "step_counts", "num_steps", "uniform_step"):
+            setattr(rows, name, getattr(self, name))
+        rows.scratch, rows._states, rows.groups = {}, states, None
+        return rows
+
+    def subset(self, index: torch.Tensor | Sequence[int]) -> "StepRows":
+        """The rows at `index`, sharing this forward's scratch and request states."""
+        index_list = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        rows = StepRows.__new__(StepRows)
+        rows.steps = self.steps[torch.as_tensor(index_list, dtype=torch.long)]
+        rows.keys = tuple(self.keys[i] for i in index_list)
+        rows.plans = None if self.plans is None else tuple(self.plans[i] for i in index_list)
+        rows.step_list = [self.step_list[i] for i in index_list]
+        rows.step_counts = tuple(self.step_counts[i] for i in index_list)
+        counts = rows.step_counts
+        rows.num_steps = counts[0] if counts and min(counts) == max(counts) else None
+        rows.uniform_step = rows.step_list[0] if rows.step_list and min(rows.step_list) == max(rows.step_list) else None
+        rows.scratch, rows._states, rows.groups = self.scratch, self._states, None
+        return rows
+
+    def finishing(self) -> tuple[Hashable, ...]:
+        """Keys of the rows at the last step of their generation (their caches are freed after this forward)."""
+        return tuple(k for k, s, n in zip(self.keys, self.step_list, self.step_counts) if s >= n - 1)
+
+    def starting(self) -> tuple[Hashable, ...]:
+        """Keys of the rows at step 0 (leftovers of an earlier generation under the same key are dropped)."""
+        return tuple(k for k, s in zip(self.keys, self.step_list) if s == 0)
+
+    def __repr__(self) -> str:
+        return f"StepRows(steps={self.step_list}, keys={list(self.keys)}, num_steps={list(self.step_counts)})"
 
 
 # ---------------------------------------------------------------------- tensor trees
@@ -89,17 +177,43 @@ def merge_rows(parts: Sequence[tuple[torch.Tensor, Any]], batch_size: int) -> An
 
 
 # ---------------------------------------------------------------------- caches
+class _Stored:
+    """One computed batch value and which live keys still read which of its rows.
+
+    Values are kept by reference to the batch they came from, so the common case (the same requests in the same
+    order as when they were computed) is served without copying. When fewer than half of a value's rows are still
+    read (requests left, or recomputed on their own), the live rows are copied out and the batch is let go, so a
+    cached row costs memory in proportion to itself, not to the batch it was computed in.
+    """
+
+    __slots__ = ("value", "members")
+
+    def __init__(self, value: Any, keys: Sequence[Hashable]) -> None:
+        self.value = value
+        self.members: dict[Hashable, int] = {key: row for row, key in enumerate(keys)}
+
+    def release(self, key: Hashable) -> None:
+        self.members.pop(key, None)
+        if not self.members:
+            self.value = None
+            return
+        size = _batch_len(self.value)
+        if size is not None and 2 * len(self.members) <= size:
+            live = sorted(self.members.items(), key=lambda item: item[1])
+            self.value = take_rows(self.value, torch.tensor([row for _, row in live]))
+            self.members = {key: i for i, (key, _) in enumerate(live)}
+
+
 class RowCache:
     """The last computed values of one cacheable module, per row key.
 
-    Values are stored by reference to the batch they came from, so the common case (the same requests in the same
-    order as when they were computed) is served without copying. With `depth > 1` the last `depth` computed values
-    are kept with their steps, for forecasting (TaylorSeer) instead of plain reuse.
+    With `depth > 1` the last `depth` computed values are kept with their steps, for forecasting (TaylorSeer)
+    instead of plain reuse.
     """
 
     def __init__(self, depth: int = 1) -> None:
         self.depth = depth
-        self._entries: dict[Hashable, list[tuple[int, Any, int]]] = {}  # key -> [(step, batch value, row)], newest last
+        self._entries: dict[Hashable, list[tuple[int, _Stored]]] = {}  # key -> [(step, stored batch)], newest last
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -108,23 +222,27 @@ class RowCache:
         return all(key in self._entries for key in keys)
 
     def store(self, keys: Sequence[Hashable], value: Any, steps: Sequence[int] | None = None) -> None:
+        stored = _Stored(value, keys)
         for row, key in enumerate(keys):
-            point = (steps[row] if steps is not None else -1, value, row)
+            point = (steps[row] if steps is not None else -1, stored)
             history = self._entries.get(key)
-            if history is None or self.depth == 1:
+            if history is None:
                 self._entries[key] = [point]
-            else:
-                history.append(point)
+                continue
+            history.append(point)
+            if len(history) > self.depth:
+                for _, old in history[: -self.depth]:
+                    old.release(key)
                 del history[: -self.depth]
 
     def _rows_of(self, keys: Sequence[Hashable], age: int) -> Any:
         """The value `age` computations back (0: newest) for each key, as one batch."""
-        entries = [self._entries[key][-1 - age] for key in keys]
-        value = entries[0][1]
-        same_batch = all(e[1] is value and e[2] == i for i, e in enumerate(entries))
-        if same_batch and _batch_len(value) == len(keys):
-            return value
-        parts = [take_rows(e[1], torch.tensor([e[2]])) for e in entries]
+        points = [self._entries[key][-1 - age][1] for key in keys]
+        first = points[0]
+        if all(p is first and p.members[k] == i for i, (p, k) in enumerate(zip(points, keys))) and \
+                _batch_len(first.value) == len(keys):
+            return first.value
+        parts = [take_rows(p.value, torch.tensor([p.members[k]])) for p, k in zip(points, keys)]
         return _zip_trees(parts, lambda tensors: torch.cat(tensors, dim=0))
 
     def gather(self, keys: Sequence[Hashable]) -> Any:
@@ -168,10 +286,26 @@ class RowCache:
 
     def drop(self, keys: Sequence[Hashable]) -> None:
         for key in keys:
-            self._entries.pop(key, None)
+            history = self._entries.pop(key, None)
+            for _, stored in history or ():
+                stored.release(key)
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def keys(self) -> list[Hashable]:
+        return list(self._entries)
+
+    def nbytes(self) -> int:
+        """Bytes of tensor memory this cache holds alive (each stored batch counted once)."""
+        seen: dict[int, int] = {}
+        for history in self._entries.values():
+            for _, stored in history:
+                if id(stored) not in seen:
+                    total = [0]
+                    map_tensors(lambda t: total.__setitem__(0, total[0] + t.numel() * t.element_size()), stored.value)
+                    seen[id(stored)] = total[0]
+        return sum(seen.values())
 
 
 def _lagrange_weights(steps: Sequence[int], target: float) -> list[float]:
@@ -209,19 +343,21 @@ def _batch_len(tree: Any) -> int | None:
     return None
 
 
-@dataclass
 class CacheStats:
     """Row-level counts of what the hooks did, so benches report skipped work measured rather than assumed."""
 
-    computed: int = 0
-    reused: int = 0
-    misses: int = 0
-    per_component: dict[str, list[int]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.computed = 0
+        self.reused = 0
+        self.misses = 0
+        self.per_component: dict[str, list[int]] = {}
 
     def record(self, name: str, computed: int, reused: int) -> None:
         self.computed += computed
         self.reused += reused
-        counts = self.per_component.setdefault(name, [0, 0])
+        counts = self.per_component.get(name)
+        if counts is None:
+            counts = self.per_component[name] = [0, 0]
         counts[0] += computed
         counts[1] += reused
 

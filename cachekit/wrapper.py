@@ -1,25 +1,28 @@
-"""The drop-in wrapper: apply a schedule to a stock pipeline or transformer, and take it off again.
+"""The drop-in wrapper: apply a plan to a stock pipeline or transformer, and take it off again.
 
 `enable` attaches hooks to the pipeline's transformer(s) instance; the pipeline's `__call__` and the model classes
 stay untouched. `disable` removes every hook, after which the model computes exactly what it computed before.
+`rows` and `release` are the request-scoped side the streaming runner uses: per batch row a step, a step count, a
+cache key and a plan, and an explicit end of a request's cache.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .hooks import CachePlan, CacheSession, attach_hooks, detach_hooks, session_of
-from .registry import UnsupportedModelError, resolve_layout, spec_for
-from .schedule import Schedule
+from .hooks import CacheSession, attach_hooks, detach_hooks, session_of
+from .plans import PlanLike, resolve_plan
+from .registry import UnsupportedModelError, spec_for
 from .state import StepRows
 
-__all__ = ["enable", "disable", "cached", "reset", "rows", "branch", "sessions", "denoisers"]
+__all__ = ["enable", "disable", "cached", "reset", "rows", "release", "branch", "sessions", "denoisers"]
+
+MODES = ("component", "block")
 
 
 def denoisers(pipe_or_transformer: Any) -> list[nn.Module]:
@@ -47,35 +50,36 @@ def denoisers(pipe_or_transformer: Any) -> list[nn.Module]:
     return found
 
 
-def _as_plan(schedule_or_policy: Schedule | CachePlan | str | os.PathLike) -> CachePlan:
-    if isinstance(schedule_or_policy, (str, os.PathLike)):
-        return Schedule.load(schedule_or_policy)
-    if not hasattr(schedule_or_policy, "decide"):
-        raise TypeError(
-            f"expected a cachekit.Schedule, a schedule file path or a policy, got {type(schedule_or_policy).__name__}"
-        )
-    return schedule_or_policy
-
-
 def enable(
     pipe_or_transformer: Any,
-    schedule_or_policy: Schedule | CachePlan | str | os.PathLike,
+    plan: PlanLike,
     *,
     scheduler: Any | None = None,
+    modes: Sequence[str] | None = None,
 ) -> Any:
-    """Serve the transformer's components from cache as the schedule (or policy) says.
+    """Serve the transformer's components from cache as the plan says.
 
     Args:
         pipe_or_transformer: a stock diffusers pipeline, or a bare transformer.
-        schedule_or_policy: a `Schedule`, the path of a schedule file, or a runtime policy.
+        plan: a `Schedule`, a runtime policy, a schedule file, a shipped schedule name (`"digits-fast"`), a policy
+            spec (`"fora:interval=3"`, `"teacache:threshold=0.2"`), or `None` / `"none"`: no default plan, every
+            request brings its own through `cachekit.rows(..., plans=...)` (the runner's use).
         scheduler: for a bare transformer, the scheduler whose timesteps it will be called with, so the step index
             can be read off the `timestep` argument. A pipeline's own scheduler is used otherwise.
+        modes: the hook kinds to attach: `("component",)`, `("block",)` or both. Default: the plan's mode; both when
+            there is no default plan, so requests may bring plans of either mode.
 
     Returns the object it was given, so `pipe = cachekit.enable(pipe, schedule)` reads naturally.
-    Raises `ScheduleError` if the schedule was made for another model, `RuntimeError` if already enabled.
+    Raises `ScheduleError` if the schedule was made for another model, `PlanError` for an unknown plan name,
+    `RuntimeError` if already enabled.
     """
-    plan = _as_plan(schedule_or_policy)
     targets = denoisers(pipe_or_transformer)
+    resolved = resolve_plan(plan)
+    if modes is None:
+        modes = (getattr(resolved, "mode", "component"),) if resolved is not None else MODES
+    modes = tuple(m for m in MODES if m in set(modes))
+    if not modes:
+        raise ValueError("modes must name 'component' and/or 'block'")
     if scheduler is None and not isinstance(pipe_or_transformer, nn.Module):
         scheduler = getattr(pipe_or_transformer, "scheduler", None)
     for transformer in targets:
@@ -83,18 +87,13 @@ def enable(
             raise RuntimeError(
                 f"cachekit is already enabled on this {type(transformer).__name__}; call cachekit.disable first"
             )
-    mode = getattr(plan, "mode", "component")
+    if resolved is not None:
+        validate = getattr(resolved, "validate_for", None)
+        for transformer in targets:
+            if validate is not None:
+                validate(transformer)
     for transformer in targets:
-        validate = getattr(plan, "validate_for", None)
-        if validate is not None:
-            validate(transformer)
-    for transformer in targets:
-        layout = resolve_layout(transformer, mode)
-        session = CacheSession(plan, layout, spec_for(transformer), scheduler)
-        attach_hooks(transformer, session, mode)
-        attach = getattr(plan, "attach", None)
-        if attach is not None:
-            attach(transformer, session)
+        attach_hooks(transformer, CacheSession(resolved, transformer, spec_for(transformer), modes, scheduler))
     return pipe_or_transformer
 
 
@@ -105,9 +104,6 @@ def disable(pipe_or_transformer: Any) -> None:
         if session is None:
             continue
         session.clear()
-        detach = getattr(session.plan, "detach", None)
-        if detach is not None:
-            detach(transformer)
         detach_hooks(transformer)
 
 
@@ -118,15 +114,22 @@ def sessions(pipe_or_transformer: Any) -> list[CacheSession]:
 
 
 def reset(pipe_or_transformer: Any) -> None:
-    """Free all cached features now, e.g. after interrupting a generation from outside the transformer."""
+    """Free every request's cached features now, e.g. after interrupting a generation from outside the transformer."""
     for session in sessions(pipe_or_transformer):
         session.clear()
 
 
+def release(pipe_or_transformer: Any, keys: Sequence[Hashable]) -> None:
+    """Free the caches and policy state of these requests (finished, cancelled or failed); others keep theirs."""
+    keys = tuple(keys)
+    for session in sessions(pipe_or_transformer):
+        session.release(keys)
+
+
 @contextmanager
-def cached(pipe_or_transformer: Any, schedule_or_policy: Any, **kwargs: Any) -> Iterator[Any]:
-    """`with cachekit.cached(pipe, schedule): pipe(...)`: enabled inside, disabled and freed on the way out."""
-    enable(pipe_or_transformer, schedule_or_policy, **kwargs)
+def cached(pipe_or_transformer: Any, plan: PlanLike, **kwargs: Any) -> Iterator[Any]:
+    """`with cachekit.cached(pipe, plan): pipe(...)`: enabled inside, disabled and freed on the way out."""
+    enable(pipe_or_transformer, plan, **kwargs)
     try:
         yield pipe_or_transformer
     finally:
@@ -135,20 +138,27 @@ def cached(pipe_or_transformer: Any, schedule_or_policy: Any, **kwargs: Any) -> 
 
 @contextmanager
 def rows(
-    transformer: nn.Module, steps: Sequence[int] | torch.Tensor, keys: Sequence[Hashable], num_steps: int
-) -> Iterator[None]:
-    """Declare the step and cache key of each batch row for the forwards inside (used by the streaming runner).
+    pipe_or_transformer: Any,
+    steps: Sequence[int] | torch.Tensor,
+    keys: Sequence[Hashable],
+    num_steps: int | Sequence[int],
+    plans: Sequence[PlanLike] | None = None,
+) -> Iterator[StepRows]:
+    """Declare the step, step count, cache key and plan of each batch row for the forwards inside.
 
-    Requests at different denoising steps can then share one forward pass while each is served from its own cache.
+    Requests at different denoising steps, of different lengths and under different plans (`None`: uncached) can
+    then share one forward pass while each is served from its own cache. The declaration is local to the calling
+    thread or asyncio task. A key's cache lives until its last step has run or `cachekit.release(pipe, [key])`.
     """
-    session = session_of(transformer)
-    if session is None:
+    active = sessions(pipe_or_transformer)
+    if not active:
         raise RuntimeError("cachekit is not enabled on this transformer")
-    session.explicit_rows = StepRows(torch.as_tensor(steps, dtype=torch.long).cpu(), tuple(keys), num_steps)
-    try:
-        yield
-    finally:
-        session.explicit_rows = None
+    resolved = None if plans is None else tuple(resolve_plan(p) for p in plans)
+    declared = StepRows(steps, keys, num_steps, resolved)
+    with ExitStack() as stack:
+        for session in active:
+            stack.enter_context(session.declare_rows(declared))
+        yield declared
 
 
 @contextmanager
@@ -157,14 +167,10 @@ def branch(pipe_or_transformer: Any, label: Hashable) -> Iterator[None]:
 
     Pipelines that call the transformer once per branch already say so through diffusers' `cache_context(name)`,
     which cachekit reads; this is the same for models without diffusers' `CacheMixin` (e.g. PixArt) and for custom
-    loops. A no-op where cachekit is not enabled, so a loop can be written once for both.
+    loops. Local to the calling thread or task; a no-op where cachekit is not enabled, so a loop can be written once
+    for both.
     """
-    active = sessions(pipe_or_transformer)
-    previous = [session.branch_label for session in active]
-    for session in active:
-        session.branch_label = label
-    try:
+    with ExitStack() as stack:
+        for session in sessions(pipe_or_transformer):
+            stack.enter_context(session.branch(label))
         yield
-    finally:
-        for session, old in zip(active, previous):
-            session.branch_label = old

@@ -221,7 +221,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
 
 
 def _resolve_plans(specs: list[str], pipe: Any, num_steps: int) -> dict[str, Any]:
-    from cachekit.policies.spec import resolve_plan
+    from cachekit.plans import resolve_plan
 
     plans: dict[str, Any] = {}
     for spec in specs:

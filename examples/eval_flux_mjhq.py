@@ -51,7 +51,7 @@ def main() -> None:
     from cachekit.eval.prompts import load_mjhq
     from cachekit.eval.runner import evaluate
     from cachekit.eval.suite import MetricConfig, MetricFactory, parse_metric_names
-    from cachekit.policies.spec import resolve_plan
+    from cachekit.plans import resolve_plan
 
     dist = get_dist()
     prompts = load_mjhq(args.meta, categories=args.category, per_category=args.per_category, seed=0)

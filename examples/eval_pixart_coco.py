@@ -61,7 +61,7 @@ def main() -> None:
     from cachekit.eval.prompts import load_coco_captions
     from cachekit.eval.runner import evaluate
     from cachekit.eval.suite import MetricConfig, MetricFactory, parse_metric_names
-    from cachekit.policies.spec import resolve_plan
+    from cachekit.plans import resolve_plan
 
     dist = get_dist()
     prompts = load_coco_captions(args.captions, num=args.num, seed=0)

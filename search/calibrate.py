@@ -377,7 +377,7 @@ class _UnitRecordHook(ModelHook):
         return module
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        rows = self.recorder.session.current
+        rows = self.recorder.session.current_rows()
         if rows is None:  # outside a tracked transformer forward: nothing to record
             return self.fn_ref.original_forward(*args, **kwargs)
         output, seconds = self.recorder.time(lambda: self.fn_ref.original_forward(*args, **kwargs))

@@ -17,7 +17,8 @@ from cachekit.policies import (
     resolve_plan,
 )
 from cachekit.policies.calibration import fit, record_signals
-from cachekit.state import StepRows
+from cachekit.plans import PlanError
+from cachekit.state import CallRowKey, StepRows
 from tiny_models import TINY_MODELS, build, denoise
 
 NAME = "PixArtTransformer2DModel"
@@ -35,7 +36,7 @@ def _run(model, plan=None, name=NAME, steps=STEPS):
     return out, stats
 
 
-def _skipped_steps(policy, key=(None, 0)):
+def _skipped_steps(policy, key=CallRowKey(None, 0)):
     return [step for k, step, skipped in policy.decisions if k == key and skipped]
 
 
@@ -86,10 +87,11 @@ def test_magcache_retention_error_and_max_skips():
 
 def test_decisions_are_per_row():
     policy = FirstBlockCachePolicy(FirstBlockCacheConfig(threshold=0.1, warmup_steps=1))
-    rows0 = StepRows(torch.tensor([0, 0]), ("steady", "odd"), 10)
+    states = {}  # what the cache session keeps per request between forwards
+    rows0 = StepRows(torch.tensor([0, 0]), ("steady", "odd"), 10).for_forward(states)
     residual = torch.ones(2, 4, 8)
     assert policy._skip_rows(rows0, (residual,)).tolist() == [False, False]
-    rows1 = StepRows(torch.tensor([1, 1]), ("steady", "odd"), 10)
+    rows1 = StepRows(torch.tensor([1, 1]), ("steady", "odd"), 10).for_forward(states)
     moved = residual.clone()
     moved[1] *= 3.0  # the odd request's first block changed a lot; the steady one did not
     assert policy._skip_rows(rows1, (moved,)).tolist() == [True, False]
@@ -155,7 +157,7 @@ def test_plan_specs():
         resolve_plan("nope", model, STEPS)
     with pytest.raises(ValueError, match="needs calibrated magnitude ratios"):
         resolve_plan("magcache", model, STEPS)
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
         resolve_plan("fora:3", model, STEPS)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(PlanError, match="not found"):
         resolve_plan("missing.json", model, STEPS)

@@ -10,7 +10,8 @@ Runtime policies decide per request while generating (block mode, per-row state)
 - `magcache`: calibrated residual magnitude ratios, max skips, retention ratio (MagCache).
 - `first_block`: change of the first block's residual against the last full step (first-block cache).
 
-`calibration` fits the runtime policies per model; `spec` parses plan names such as `fora:interval=3`.
+`calibration` fits the runtime policies per model; `spec` names them. Plan specs such as `fora:interval=3` are
+resolved by `cachekit.plans.resolve_plan` (re-exported here).
 """
 
 from .delta_dit import DeltaDiTConfig, apply_delta_dit, delta_dit_schedule
@@ -54,7 +55,8 @@ from .first_block import FirstBlockCacheConfig, FirstBlockCachePolicy, apply_fir
 from .magcache import MagCacheConfig, MagCachePolicy, apply_magcache  # noqa: E402
 from .teacache import TeaCacheConfig, TeaCachePolicy, apply_teacache  # noqa: E402
 from .calibration import PolicyCalibration, calibrate_pipeline  # noqa: E402
-from .spec import RUNTIME_POLICIES, resolve_plan, runtime_policy  # noqa: E402
+from .spec import RUNTIME_POLICIES, runtime_policy  # noqa: E402
+from ..plans import resolve_plan  # noqa: E402
 
 __all__ += [
     "FirstBlockCacheConfig",

@@ -32,6 +32,11 @@ class DeltaDiTConfig:
         if self.interval < 1 or self.num_cached_blocks < 0 or self.boundary_step < 0:
             raise ValueError(f"invalid Delta-DiT config {self}")
 
+    @property
+    def mode(self) -> str:
+        """Delta-DiT reuses whole-block residuals."""
+        return "block"
+
 
 def delta_dit_schedule(transformer: nn.Module, num_steps: int, config: DeltaDiTConfig = DeltaDiTConfig()) -> Schedule:
     full = Schedule.full(transformer, num_steps, mode="block")

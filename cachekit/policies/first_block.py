@@ -44,8 +44,8 @@ class FirstBlockCachePolicy(BlockSkipPolicy):
     def _skip_rows(self, rows: StepRows, value: Any) -> torch.Tensor:
         residual = _hidden_residual(value).detach()
         skip = torch.zeros(rows.batch_size, dtype=torch.bool)
-        for i, (key, step) in enumerate(zip(rows.keys, rows.steps.tolist())):
-            state = self.state(key)
+        for i, (key, step) in enumerate(zip(rows.keys, rows.step_list)):
+            state = rows.state(key)
             reference = state.get("reference")
             if reference is not None and step >= self.config.warmup_steps:
                 change = float(relative_l1(residual[i : i + 1], reference[None]))

@@ -58,14 +58,15 @@ class MagCachePolicy(BlockSkipPolicy):
     def __init__(self, config: MagCacheConfig) -> None:
         super().__init__()
         self.config = config
+        self._ratio_tables: dict[int, np.ndarray] = {}
 
     def _skip_rows(self, rows: StepRows, value: Any) -> torch.Tensor:
-        ratios = self.config.ratios_for(rows.num_steps)
-        retained = int(round(self.config.retention_ratio * rows.num_steps))
         skip = torch.zeros(rows.batch_size, dtype=torch.bool)
-        for i, (key, step) in enumerate(zip(rows.keys, rows.steps.tolist())):
-            state = self.state(key)
-            if step >= max(retained, 1) and step < rows.num_steps - 1:
+        for i, (key, step, count) in enumerate(zip(rows.keys, rows.step_list, rows.step_counts)):
+            ratios = self._ratios(count)
+            retained = int(round(self.config.retention_ratio * count))
+            state = rows.state(key)
+            if step >= max(retained, 1) and step < count - 1:
                 ratio = state.get("ratio", 1.0) * float(ratios[step])
                 error = state.get("error", 0.0) + abs(1.0 - ratio)
                 skips = state.get("skips", 0) + 1
@@ -75,6 +76,12 @@ class MagCachePolicy(BlockSkipPolicy):
             if not skip[i]:
                 state.update(ratio=1.0, error=0.0, skips=0)
         return skip
+
+    def _ratios(self, num_steps: int) -> np.ndarray:
+        """The ratio table at `num_steps`, computed once per step count."""
+        if num_steps not in self._ratio_tables:
+            self._ratio_tables[num_steps] = self.config.ratios_for(num_steps)
+        return self._ratio_tables[num_steps]
 
     def describe(self) -> dict[str, Any]:
         return {"policy": "magcache", **asdict(self.config)}

@@ -3,8 +3,13 @@
 TeaCache, MagCache and first-block cache all make one decision per batch row and step: run every block, or serve
 blocks from their cached residuals (block mode, so the reused result is `live input + cached residual`, the same as
 reusing the residual of the whole block stack). The decision is taken from a signal the model has just produced
-(the first block's output, its modulated input) or from a calibrated table, and each request keeps its own state,
-so one odd prompt in a batch does not decide for the others.
+(the first block's output, its modulated input) or from a calibrated table.
+
+A policy object holds no request state: what it accumulates per request lives in `rows.state(key)`, which the cache
+session owns and frees with the request's cache, and what it learns within one forward (the skip decision made at
+block 0) lives in that forward's `rows.scratch`. So one policy object can serve many requests, sessions and threads
+at once, and its memory is bounded by the live requests. `decisions` is a bounded log of the latest decisions,
+for people and tests.
 
 `SignalRecorder` is the same machinery with every decision forced to compute: it records the signals of an
 uncached run, which is what the policies' calibration fits.
@@ -12,18 +17,19 @@ uncached run, which is what the policies' calibration fits.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-from torch import nn
 
-from ..hooks import PROBE_HOOK, CacheSession
-from ..registry import resolve_layout
+from ..hooks import FIRST_INPUT
 from ..state import StepRows
 
-__all__ = ["BlockSkipPolicy", "InputProbeHook", "SignalRecorder", "relative_l1"]
+__all__ = ["BlockSkipPolicy", "SignalRecorder", "relative_l1", "DECISION_LOG"]
+
+DECISION_LOG = 4096
+"""How many of the latest (key, step, skipped) decisions a policy keeps for inspection."""
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -39,19 +45,6 @@ def _hidden_residual(value: Any) -> torch.Tensor:
     return residuals[-1] if len(residuals) > 1 else residuals[0]
 
 
-class InputProbeHook(ModelHook):
-    """Read-only: hands a module's first input to a callback (TeaCache reads the first block's modulated input)."""
-
-    def __init__(self, callback) -> None:
-        super().__init__()
-        self.callback = callback
-
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        self.callback(hidden)
-        return args, kwargs
-
-
 class BlockSkipPolicy:
     """Base class: per-row skip decisions in block mode.
 
@@ -62,104 +55,69 @@ class BlockSkipPolicy:
     mode = "block"
     num_steps: int | None = None
     decides_after_block: int | None = 0
+    needs_input_probe = False
 
     def __init__(self) -> None:
-        self.states: dict[Hashable, dict[str, Any]] = {}
-        self._rows: StepRows | None = None
-        self._skip: torch.Tensor | None = None
-        self.decisions: list[tuple[Hashable, int, bool]] = []  # (key, step, skipped): what the policy did
+        self.decisions: deque[tuple[Hashable, int, bool]] = deque(maxlen=DECISION_LOG)
+        self.skipped_steps = 0  # rows x steps served from cache, over the policy's lifetime
 
     # -------------------------------------------------------------- CachePlan
     def decide(self, rows: StepRows, block: int, component: int) -> bool | torch.Tensor:
-        if self._rows is not rows:  # a new forward pass
-            self._rows, self._skip = rows, None
-            if self.decides_after_block is None:
-                self._set_skip(rows, self._skip_rows(rows, None))
         if self.decides_after_block is not None and block <= self.decides_after_block:
             return True
-        if self._skip is None:
-            return True
-        if bool(self._skip.all()):
+        skips: dict[Hashable, bool] = rows.scratch.setdefault(("skip", id(self)), {})
+        missing = [i for i, key in enumerate(rows.keys) if key not in skips]
+        if missing:
+            if self.decides_after_block is not None:
+                return True  # no signal for these rows this forward (they joined after the probe block): compute
+            self._set_skip(rows, self._skip_rows(rows, None), skips)
+        skip = [skips[key] for key in rows.keys]
+        if all(skip):
             return False
-        if not bool(self._skip.any()):
+        if not any(skip):
             return True
-        return ~self._skip
+        return ~torch.tensor(skip)
 
-    def observe(self, rows: StepRows, block: int, component: int, row_index: torch.Tensor | None, value: Any) -> None:
-        if block == self.decides_after_block and row_index is None:
-            self._set_skip(rows, self._skip_rows(rows, value))
+    def observe(self, rows: StepRows, block: int, component: int, value: Any) -> None:
+        if block == self.decides_after_block:
+            self._set_skip(rows, self._skip_rows(rows, value), rows.scratch.setdefault(("skip", id(self)), {}))
 
-    def _set_skip(self, rows: StepRows, skip: torch.Tensor) -> None:
-        self._skip = skip.bool().cpu()
-        for key, step, skipped in zip(rows.keys, rows.steps.tolist(), self._skip.tolist()):
+    def _set_skip(self, rows: StepRows, skip: torch.Tensor, into: dict[Hashable, bool]) -> None:
+        decided = skip.bool().tolist()
+        for key, step, skipped in zip(rows.keys, rows.step_list, decided):
+            into[key] = skipped
             self.decisions.append((key, step, skipped))
+        self.skipped_steps += sum(decided)
 
     def _skip_rows(self, rows: StepRows, signal: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def state(self, key: Hashable) -> dict[str, Any]:
-        return self.states.setdefault(key, {})
-
-    # -------------------------------------------------------------- RuntimePlan
-    def attach(self, transformer: nn.Module, session: CacheSession) -> None:
-        self.session = session
-
-    def detach(self, transformer: nn.Module) -> None:
-        self.session = None
-
-    def drop(self, keys: tuple[Hashable, ...]) -> None:
-        for key in keys:
-            self.states.pop(key, None)
-
-    def clear(self) -> None:
-        self.states.clear()
-        self._rows = self._skip = None
-
-    @property
-    def skipped_steps(self) -> int:
-        return sum(1 for _, _, skipped in self.decisions if skipped)
-
-
-def attach_input_probe(transformer: nn.Module, callback) -> None:
-    """Watch the input of the first block's first component: the modulated input on PixArt, FLUX, Wan, SD3."""
-    layout = resolve_layout(transformer)
-    first = layout.blocks[0]
-    name = next(c for i, c in enumerate(layout.components) if bool(layout.present[0, i]))
-    module = getattr(first.module, name)
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(InputProbeHook(callback), PROBE_HOOK)
-
 
 class SignalRecorder(BlockSkipPolicy):
-    """Computes everything and records, per row and step, what the policies look at. Used for calibration."""
+    """Computes everything and records, per row and step, what the policies look at. Used for calibration.
+
+    Unlike the policies it keeps what it saw (`records`) until its caller reads it: that is its job.
+    """
 
     decides_after_block = None
+    needs_input_probe = True
 
     def __init__(self) -> None:
         super().__init__()
         self.records: dict[Hashable, dict[int, dict[str, torch.Tensor]]] = {}
-        self._probe: torch.Tensor | None = None
-        self._stack: torch.Tensor | None = None
-
-    def attach(self, transformer: nn.Module, session: CacheSession) -> None:
-        super().attach(transformer, session)
-        attach_input_probe(transformer, self._on_probe)
-
-    def _on_probe(self, hidden: torch.Tensor) -> None:
-        self._probe = hidden.detach().float().cpu()
 
     def _skip_rows(self, rows: StepRows, signal: Any) -> torch.Tensor:
-        self._stack = None
         return torch.zeros(rows.batch_size, dtype=torch.bool)
 
-    def observe(self, rows: StepRows, block: int, component: int, row_index: torch.Tensor | None, value: Any) -> None:
+    def observe(self, rows: StepRows, block: int, component: int, value: Any) -> None:
         residual = _hidden_residual(value).detach().float().cpu()
-        self._stack = residual if self._stack is None else self._stack + residual
-        for i, (key, step) in enumerate(zip(rows.keys, rows.steps.tolist())):
+        stack = rows.scratch.get(("stack", id(self)))
+        stack = residual if stack is None else stack + residual
+        rows.scratch[("stack", id(self))] = stack
+        first_inputs = rows.scratch.get(FIRST_INPUT, {})
+        for i, (key, step) in enumerate(zip(rows.keys, rows.step_list)):
             record = self.records.setdefault(key, {}).setdefault(step, {})
             if block == 0:
                 record["first_residual"] = residual[i]
-                record["modulated_input"] = self._probe[i]
-            record["stack_residual"] = self._stack[i]
-
-    def drop(self, keys: tuple[Hashable, ...]) -> None:
-        """Recording keeps everything until the caller reads it."""
+                record["modulated_input"] = first_inputs[key].float().cpu()
+            record["stack_residual"] = stack[i]

@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..hooks import CacheSession
+from ..hooks import FIRST_INPUT
 from ..state import StepRows
 from ..wrapper import enable
-from .runtime import BlockSkipPolicy, attach_input_probe, relative_l1
+from .runtime import BlockSkipPolicy, relative_l1
 
 
 @dataclass(frozen=True)
@@ -39,26 +38,20 @@ class TeaCacheConfig:
 
 class TeaCachePolicy(BlockSkipPolicy):
     decides_after_block = 0
+    needs_input_probe = True
 
     def __init__(self, config: TeaCacheConfig = TeaCacheConfig()) -> None:
         super().__init__()
         self.config = config
-        self._modulated: torch.Tensor | None = None
-
-    def attach(self, transformer: nn.Module, session: CacheSession) -> None:
-        super().attach(transformer, session)
-        attach_input_probe(transformer, self._on_probe)
-
-    def _on_probe(self, hidden: torch.Tensor) -> None:
-        self._modulated = hidden.detach()
 
     def _skip_rows(self, rows: StepRows, value: Any) -> torch.Tensor:
         skip = torch.zeros(rows.batch_size, dtype=torch.bool)
-        for i, (key, step) in enumerate(zip(rows.keys, rows.steps.tolist())):
-            state = self.state(key)
+        modulated = rows.scratch[FIRST_INPUT]
+        for i, (key, step, count) in enumerate(zip(rows.keys, rows.step_list, rows.step_counts)):
+            state = rows.state(key)
             previous = state.get("previous")
-            current = self._modulated[i]
-            last_step = step >= rows.num_steps - 1
+            current = modulated[key]
+            last_step = step >= count - 1
             if previous is not None and not last_step:
                 change = float(relative_l1(current[None], previous[None]))
                 state["accumulated"] = state.get("accumulated", 0.0) + float(np.polyval(self.config.coefficients, change))

@@ -24,6 +24,11 @@ class TGATEConfig:
         if self.gate_step < 1:
             raise ValueError("TGATE gate_step must be >= 1 (step 0 always computes)")
 
+    @property
+    def mode(self) -> str:
+        """TGATE reuses one component, cross-attention."""
+        return "component"
+
 
 def tgate_schedule(transformer: nn.Module, num_steps: int, config: TGATEConfig = TGATEConfig()) -> Schedule:
     spec = spec_for(transformer)
