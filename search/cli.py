@@ -83,9 +83,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     call = _generation_settings(args)
     prompts, pipe = _prompts_and_pipeline(args, _process(args).device)
     if args.policy is not None:
-        from cachekit.policies import calibrate_pipeline
+        from cachekit.pipelines import PipelineCall, calibrate_policy
 
-        fitted = calibrate_pipeline(args.policy, pipe, prompts, args.steps, seed=args.seed, **call)
+        seeds = tuple(args.seed + i for i in range(len(prompts)))
+        fitted = calibrate_policy(args.policy, pipe, PipelineCall(tuple(prompts), args.steps, call, seeds))
         fitted.details["model"] = args.model
         fitted.save(args.out)
         shown = {k: v for k, v in fitted.values.items() if not isinstance(v, (list, tuple)) or len(v) <= 6}
@@ -120,8 +121,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.cost == "latency" and args.no_dp and args.calibration is None:
         raise ValueError("--cost latency needs a calibration's latency table: drop --no-dp or give --calibration")
     out = Path(args.out)
-    if not args.resume and (out / "checkpoint.pkl").exists():
+    from .genetic import CHECKPOINT, OLD_CHECKPOINT, read_checkpoint
+
+    if not args.resume and any((out / name).exists() for name in (CHECKPOINT, OLD_CHECKPOINT)):
         raise ValueError(f"{out} holds a search checkpoint: pass --resume to continue it, or choose another --out")
+    if args.resume:
+        read_checkpoint(out)  # a damaged or old-format checkpoint fails before the model loads
     wallclock = None
     if args.wallclock is not None:
         if args.cost != "wallclock":
@@ -146,7 +151,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         pipe, prompts, args.steps, out, config, calibration=calibration,
         dp_budgets=() if args.no_dp else tuple(args.dp_budgets), cost=args.cost, quality=args.quality,
         mode=args.mode, clip_tolerance=args.clip_tolerance, wallclock=wallclock, resume=args.resume,
-        noise_seed=args.seed, dist=dist, **call,
+        noise_seed=args.seed, dist=dist, model=args.model, **call,
     )
     if not dist.is_main:
         return 0

@@ -13,33 +13,62 @@ The first population is seeded with FORA, Delta-DiT, TGATE and DP-solver schedul
 starts where the heuristics are and the search only has to improve on them. Every generation is checkpointed: a run
 killed at any point resumes with `resume=True`, losing at most the generation in progress, and the same seed gives
 the same front.
+
+The checkpoint (`OUT/checkpoint.json`) is plain JSON, written atomically: the population, the fitness memo, the
+history and the state of Python's `random` (the only random source the search draws from: the mutations here and
+DEAP's crossover, bit flips and tournament all use it; candidates are judged with explicitly seeded generators).
+Nothing in it is code, so a planted file can at worst be refused. It records every setting that changes results
+(model, prompts, seeds, steps, mode, objectives, the search config but for the generation count, the seeds'
+genomes, ...); a resume with other settings is refused, naming each setting that differs, since it would silently
+mix values of different objectives. A resume may ask for more generations: it continues.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-import pickle
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from deap import base, creator, tools
 from tqdm.auto import tqdm
 
+from cachekit.errors import UsageError
+from cachekit.io import atomic_write
 from cachekit.schedule import Schedule
 
 from .fitness import Evaluator
 
-__all__ = ["SearchConfig", "Genome", "SearchResult", "run_search", "hypervolume", "write_outputs"]
+__all__ = [
+    "CHECKPOINT",
+    "OLD_CHECKPOINT",
+    "CheckpointError",
+    "SearchConfig",
+    "Genome",
+    "SearchResult",
+    "check_resume",
+    "read_checkpoint",
+    "run_search",
+    "run_settings",
+    "hypervolume",
+    "write_outputs",
+]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT = "checkpoint.json"
+"""The search's checkpoint in its output folder: JSON, rewritten atomically after every generation."""
+OLD_CHECKPOINT = "checkpoint.pkl"
+"""Where cachekit before checkpoint format 1 pickled its state; never loaded (unpickling can run any code)."""
+CHECKPOINT_FORMAT = "cachekit.search-checkpoint"
+CHECKPOINT_VERSION = 1
 
 if not hasattr(creator, "CachekitFitness"):
     creator.create("CachekitFitness", base.Fitness, weights=(1.0, -1.0))  # quality up, cost down
@@ -202,6 +231,265 @@ def _key(genes: Sequence[int]) -> bytes:
     return bytes(genes)
 
 
+# ---------------------------------------------------------------- checkpoint: settings, reading, writing
+class CheckpointError(UsageError):
+    """A search checkpoint that cannot be resumed: not a valid checkpoint file, the old pickle format, or made with
+    other settings than the run that asks to resume it. The message is one line and says what to do."""
+
+
+_MISSING = object()
+
+
+def _genes_text(genes: Sequence[int]) -> str:
+    """Genes as a string of 0s and 1s (every gene is a bit)."""
+    return "".join("1" if g else "0" for g in genes)
+
+
+def _genes_from_text(text: Any, what: str) -> list[int]:
+    if not isinstance(text, str) or text.strip("01"):
+        raise ValueError(f"{what} is not a string of 0s and 1s")
+    return [1 if c == "1" else 0 for c in text]
+
+
+def _digest(genes: Sequence[int]) -> str:
+    return hashlib.sha256(_genes_text(genes).encode()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON form of a setting json cannot write itself: tensors by shape, dtype and content digest; paths as text."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"tensor": list(value.shape), "dtype": str(value.dtype), "sha256": hashlib.sha256(data).hexdigest()[:16]}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text  # an address would differ in every process
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists, ...), so a saved and a new setting compare equal."""
+    return json.loads(json.dumps(value, default=_jsonable))
+
+
+def run_settings(
+    template: Schedule,
+    config: SearchConfig,
+    seeds: Mapping[str, Schedule],
+    settings: Mapping[str, Any] | None = None,
+    objectives: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The settings a checkpoint records and a resume must match, as JSON values.
+
+    Derived here: the template's model class, mode, step and block counts, components and scheduler; the genome
+    size; every `SearchConfig` field except `generations` (a resume may ask for more); a digest of each seed's
+    genome (a changed calibration or DP budget changes the first population). `objectives` (the evaluator's
+    quality and cost names) and then the caller's `settings` (model, prompts, noise seed, pipeline call, ...) are
+    added; a caller's key replaces a derived one of the same name.
+    """
+    genome = Genome(template, forecast_order=config.forecast_order)
+    derived: dict[str, Any] = {
+        "model_class": template.model_class,
+        "mode": template.mode,
+        "num_steps": template.num_steps,
+        "num_blocks": template.num_blocks,
+        "components": list(template.components),
+        "scheduler": template.scheduler,
+        "genome_size": genome.size,
+    }
+    for name, value in asdict(config).items():
+        if name != "generations":
+            derived["search_seed" if name == "seed" else name] = value
+    derived["seeds"] = {name: _digest(genome.encode(schedule)) for name, schedule in seeds.items()}
+    derived.update(objectives or {})
+    derived.update(settings or {})
+    return _plain(derived)
+
+
+def _brief(value: Any) -> str:
+    if value is _MISSING:
+        return "(not recorded)"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) > 3:
+        return f"[{', '.join(json.dumps(v) for v in value[:2])}, ... ({len(value)} items)]"
+    text = json.dumps(value)
+    return text if len(text) <= 120 else f"{text[:117]}..."
+
+
+_CONSEQUENCES = ("genome_size", "seeds")
+"""Settings that differ whenever another one does (steps, blocks, mode, forecast order): named only when alone."""
+
+
+def _differing_parts(old: Any, new: Any) -> tuple[Any, Any]:
+    """Of two objects (e.g. pipeline call settings), only the entries that differ; other values whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, _MISSING) != new.get(k, _MISSING)]
+        return ({k: old[k] for k in keys if k in old}, {k: new[k] for k in keys if k in new})
+    return old, new
+
+
+def check_resume(
+    out_dir: str | os.PathLike, settings: Mapping[str, Any], generations: int, partial: bool = False
+) -> dict[str, Any] | None:
+    """The checkpoint in `out_dir` (decoded, see `read_checkpoint`) if it can be resumed with `settings`, else None
+    when there is none; raises `CheckpointError` naming each setting that differs (old and new values).
+
+    `settings` come from `run_settings`. With `partial`, only the settings given are compared (a caller checking
+    early, before every setting is known). A checkpoint past generation `generations` is refused too: the run would
+    end before it.
+    """
+    state = read_checkpoint(out_dir)
+    if state is None:
+        return None
+    saved = state["settings"]
+    current = _plain(dict(settings))
+    keys = list(current) if partial else list(dict.fromkeys([*saved, *current]))
+    differing = [(k, *_differing_parts(saved.get(k, _MISSING), current.get(k, _MISSING))) for k in keys
+                 if saved.get(k, _MISSING) != current.get(k, _MISSING)]
+    if any(k not in _CONSEQUENCES for k, _, _ in differing):  # a changed step count changes the genome: say why
+        differing = [d for d in differing if d[0] not in _CONSEQUENCES]
+    if differing:
+        old = ", ".join(f"{k}={_brief(v)}" for k, v, _ in differing)
+        new = ", ".join(f"{k}={_brief(v)}" for k, _, v in differing)
+        raise CheckpointError(
+            f"the checkpoint in {out_dir} was made with {old}; this run asks {new}: resuming would mix results of "
+            f"different settings; resume with the checkpoint's settings, or start a new search in another --out"
+        )
+    if state["generation"] > generations:
+        raise CheckpointError(
+            f"the checkpoint in {out_dir} already holds generation {state['generation']}; this run asks "
+            f"generations={generations}, which ends before it: ask for {state['generation']} generations or more, "
+            f"or start a new search in another --out"
+        )
+    return state
+
+
+def read_checkpoint(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint in `out_dir`, decoded and checked, or None when there is none; never runs code from the file.
+
+    Raises `CheckpointError` (one line) for a file that is not a valid checkpoint (not JSON, truncated, another
+    format or version, missing or malformed fields) and for an old pickled `checkpoint.pkl`, which is never opened.
+    Returns `generation` (the last completed), `generations`, `settings`, `random` (Python's `random` state),
+    `cache` and `extras` (the fitness memo by genome key), `history` and `population` ((genes, origin, crowding)).
+    """
+    folder = Path(out_dir)
+    old = folder / OLD_CHECKPOINT
+    if old.exists():
+        raise CheckpointError(
+            f"{old} is a checkpoint in the old pickle format, which can run arbitrary code when loaded, so it will "
+            f"not be loaded: delete it and start the search again, or use another --out"
+        )
+    path = folder / CHECKPOINT
+    if not path.exists():
+        return None
+    invalid = f"{path} is not a valid cachekit search checkpoint"
+    advice = "delete it to start the search again, or use another --out"
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {err.strerror or err}") from None
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{invalid} (binary content, not JSON text): {advice}") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{invalid} (not JSON: {err.msg} at line {err.lineno} column {err.colno}; truncated?): {advice}"
+        ) from None
+    except RecursionError:
+        raise CheckpointError(f"{invalid} (JSON nested too deeply): {advice}") from None
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{invalid} (format {_brief(found)!s}, expected {CHECKPOINT_FORMAT}): {advice}")
+    if raw.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} is a search checkpoint of version {_brief(raw.get('version'))}; this cachekit reads version "
+            f"{CHECKPOINT_VERSION}: {advice}"
+        )
+    try:
+        return _decode_checkpoint(raw)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{path} is a damaged search checkpoint ({what}): {advice}") from None
+
+
+def _decode_checkpoint(raw: dict[str, Any]) -> dict[str, Any]:
+    def integer(value: Any, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{what} is not an integer")
+        return value
+
+    def number(value: Any, what: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{what} is not a number")
+        return float(value)
+
+    generation = integer(raw["generation"], "generation")
+    if generation < 0:
+        raise ValueError("generation is negative")
+    settings = raw["settings"]
+    if not isinstance(settings, dict):
+        raise ValueError("settings is not an object")
+    version, internal, gauss = raw["random"]["python"]
+    state = (integer(version, "random state version"),
+             tuple(integer(v, "random state") for v in internal),
+             None if gauss is None else number(gauss, "random state"))
+    random.Random().setstate(state)  # raises on a malformed state
+    cache: dict[bytes, tuple[float, float]] = {}
+    extras: dict[bytes, dict[str, Any]] = {}
+    for i, entry in enumerate(raw["memo"]):
+        key = _key(_genes_from_text(entry["genes"], f"memo entry {i} genes"))
+        quality, cost = entry["fitness"]
+        cache[key] = (number(quality, "a fitness"), number(cost, "a fitness"))
+        if not isinstance(entry["extras"], dict):
+            raise ValueError(f"memo entry {i} extras is not an object")
+        extras[key] = entry["extras"]
+    population = []
+    for i, entry in enumerate(raw["population"]):
+        genes = _genes_from_text(entry["genes"], f"population member {i} genes")
+        if _key(genes) not in cache:
+            raise ValueError(f"population member {i} has no fitness in the memo")
+        if not isinstance(entry["origin"], str):
+            raise ValueError(f"population member {i} origin is not a string")
+        population.append((genes, entry["origin"], number(entry["crowding"], "a crowding distance")))
+    history = raw["history"]
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise ValueError("history is not a list of objects")
+    return {"generation": generation, "generations": raw.get("generations"), "settings": settings, "random": state,
+            "cache": cache, "extras": extras, "history": history, "population": population}
+
+
+def _encode_checkpoint(
+    generation: int,
+    config: SearchConfig,
+    settings: Mapping[str, Any],
+    cache: Mapping[bytes, tuple[float, float]],
+    extras: Mapping[bytes, dict[str, Any]],
+    history: list[dict[str, Any]],
+    population: Sequence[Any],
+) -> str:
+    version, internal, gauss = random.getstate()
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "generation": generation,
+        "generations": config.generations,
+        "settings": settings,
+        "random": {"python": [version, list(internal), gauss]},
+        "memo": [{"genes": _genes_text(key), "fitness": list(fit), "extras": extras.get(key, {})}
+                 for key, fit in cache.items()],
+        "history": history,
+        "population": [{"genes": _genes_text(ind), "origin": ind.origin, "crowding": ind.fitness.crowding_dist}
+                       for ind in population],
+    }
+    # serialised whole before anything is written; crowding distances may be Infinity (read back by Python's json)
+    return json.dumps(state, default=_jsonable)
+
+
 def run_search(
     evaluator: Evaluator,
     template: Schedule,
@@ -211,13 +499,22 @@ def run_search(
     resume: bool = False,
     progress: bool = True,
     is_main: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> SearchResult:
-    """Run NSGA-II from seeded schedules; checkpoint to `out_dir` every generation (from the main process only)."""
+    """Run NSGA-II from seeded schedules; checkpoint to `out_dir` every generation (from the main process only).
+
+    `settings` are the caller's settings that change results and that the search cannot see (model, prompts, noise
+    seed, pipeline call, ...; JSON values, see `run_settings`): the checkpoint records them with the derived ones,
+    and `resume=True` refuses a checkpoint made with other settings (`CheckpointError`). Without a checkpoint in
+    `out_dir`, `resume=True` starts from scratch.
+    """
     genome = Genome(template, forecast_order=config.forecast_order)
     structured = genome.mutations()
     for name, schedule in seeds.items():
         if schedule.recompute.shape != template.recompute.shape or schedule.components != template.components:
             raise ValueError(f"seed {name!r} does not fit the search template (model, steps or mode differ)")
+    recorded = run_settings(template, config, seeds, settings,
+                            {"quality": evaluator.quality_name, "cost": evaluator.cost_name})
 
     toolbox = base.Toolbox()
     toolbox.register("mate", tools.cxUniform, indpb=0.5)
@@ -230,13 +527,14 @@ def run_search(
     history: list[dict[str, Any]] = []
     start_generation = 0
     population: list[Any] = []
-    if resume and checkpoint_path and os.path.exists(checkpoint_path):
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        if state["config"] != asdict(config) or state["genome_size"] != genome.size:
-            raise ValueError("the checkpoint was made with another config or model; start without --resume")
+    state = check_resume(out_dir, recorded, config.generations) if resume and out_dir else None
+    if state is not None:
+        wrong = [i for i, (genes, _, _) in enumerate(state["population"]) if len(genes) != genome.size]
+        if wrong or len(state["population"]) != config.population:
+            raise CheckpointError(f"{checkpoint_path} is a damaged search checkpoint (its population does not fit "
+                                  f"the genome): delete it to start the search again, or use another --out")
         random.setstate(state["random"])
-        cache, history, extras = state["cache"], state["history"], state.get("extras", {})
+        cache, history, extras = state["cache"], state["history"], state["extras"]
         population = []
         for genes, origin, crowding in state["population"]:
             ind = _individual(genes, origin, cache)
@@ -269,21 +567,10 @@ def run_search(
     def save(generation: int) -> None:
         if not checkpoint_path or not is_main:
             return
-        os.makedirs(out_dir, exist_ok=True)
-        state = {
-            "generation": generation,
-            "config": asdict(config),
-            "genome_size": genome.size,
-            "random": random.getstate(),
-            "cache": cache,
-            "extras": extras,
-            "history": history,
-            "population": [(list(ind), ind.origin, ind.fitness.crowding_dist) for ind in population],
-        }
-        tmp = f"{checkpoint_path}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(state, f)
-        os.replace(tmp, checkpoint_path)
+        text = _encode_checkpoint(generation, config, recorded, cache, extras, history, population)
+        # an error or interrupt mid-write leaves the previous generation's checkpoint whole and no temporary file
+        with atomic_write(checkpoint_path, encoding="utf-8") as f:
+            f.write(text)
 
     def record(generation: int) -> None:
         front = tools.sortNondominated(population, len(population), first_front_only=True)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from cachekit.policies import DeltaDiTConfig, FORAConfig, TGATEConfig, delta_dit
 from cachekit.schedule import Schedule
 
 from .fitness import PipelineEvaluator
-from .genetic import SearchConfig, SearchResult, run_search, write_outputs
+from .genetic import SearchConfig, SearchResult, check_resume, run_search, run_settings, write_outputs
 from .wallclock import WallClockModel, fit_wallclock, probe_schedules
 
 __all__ = ["heuristic_seeds", "dp_seeds", "search_pipeline"]
@@ -94,6 +95,7 @@ def search_pipeline(
     progress: bool = True,
     noise_seed: int = 0,
     dist: Any | None = None,
+    model: str | None = None,
     **call_kwargs: Any,
 ) -> SearchResult:
     """Search a pipeline's schedule front and write front.json, the front's schedules, front.png, summary.md.
@@ -105,6 +107,9 @@ def search_pipeline(
     is fitted to timed probe calls (or `wallclock` is used) and saved as `OUT/wallclock.json`.
     Under `accelerate launch`, candidates are spread over the processes of `dist` (default:
     `cachekit.eval.distributed.get_dist()`); only the main one writes files.
+    `model` names the model in the checkpoint (a bundled name such as "digits", a folder, a hub id; default: the
+    pipeline's `name_or_path`). With `resume`, a checkpoint in `out_dir` made with another model, prompts, seeds,
+    steps, mode, objectives, pipeline call or search config is refused before anything runs (`CheckpointError`).
     """
     transformer = pipe.transformer
     if calibration is not None and calibration.mode != mode:
@@ -115,17 +120,43 @@ def search_pipeline(
     if calibration is not None:
         seeds.update(dp_seeds(calibration, dp_budgets))
     latency = calibration.unit_costs("latency") if cost == "latency" and calibration is not None else None
+    settings: dict[str, Any] = {
+        "model": _model_id(model, pipe),
+        "prompts": list(prompts),
+        "noise_seed": noise_seed,
+        "quality": quality,
+        "cost": cost,
+        "clip_tolerance": clip_tolerance,
+        "pipeline_call": dict(call_kwargs),
+    }
+    if latency is not None:
+        settings["latency_table"] = list(latency)  # recorded by digest: another calibration, other costs
+    if resume:  # refuse other settings now, before the reference calls and any wall-clock timing
+        check_resume(out_dir, run_settings(template, config, seeds, settings), config.generations, partial=True)
     evaluator = PipelineEvaluator(pipe, prompts, num_steps, seed=noise_seed, quality=quality, cost=cost,
                                   latency_table=latency, clip_tolerance=clip_tolerance, dist=dist, **call_kwargs)
     dist = evaluator.dist
     if cost == "wallclock":
         evaluator.set_wallclock(_wallclock_model(evaluator, template, config, out_dir, wallclock, resume, progress))
+        settings["wallclock"] = evaluator.wallclock.coefficients
     result = run_search(evaluator, template, seeds, config, out_dir, resume=resume, progress=progress,
-                        is_main=dist.is_main)
+                        is_main=dist.is_main, settings=settings)
     if dist.is_main:
         write_outputs(result, template, out_dir)
     dist.barrier()
     return result
+
+
+def _model_id(model: str | None, pipe: Any) -> str | None:
+    """How the checkpoint names the model: as given, else the pipeline's `name_or_path`; a folder path absolute."""
+    name = model if model is not None else getattr(pipe, "name_or_path", None)
+    if name is None:
+        return None
+    name = os.fspath(name)
+    folder = Path(name).expanduser()
+    if (os.sep in name or name.startswith(("~", "."))) and folder.is_dir():
+        return str(folder.resolve())
+    return name
 
 
 def _wallclock_model(

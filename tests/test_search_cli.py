@@ -43,7 +43,7 @@ def test_search_writes_a_front_of_valid_schedules_and_resumes_to_the_same_front(
         assert point["file"].endswith(f"_x{1 / point['cost']:.2f}.json")
     costs = [p["cost"] for p in front["front"]]
     assert costs == sorted(costs) and costs[0] < 0.7
-    for name in ("front.png", "summary.md", "calibration.pt", "checkpoint.pkl"):
+    for name in ("front.png", "summary.md", "calibration.pt", "checkpoint.json"):
         assert (out / name).is_file()
     assert "evaluations, hypervolume" in capsys.readouterr().out
 
@@ -56,7 +56,7 @@ def test_search_writes_a_front_of_valid_schedules_and_resumes_to_the_same_front(
 def test_search_refuses_to_overwrite_a_checkpoint_and_bad_options(tmp_path, capsys):
     out = tmp_path / "search"
     out.mkdir()
-    (out / "checkpoint.pkl").write_bytes(b"")
+    (out / "checkpoint.json").write_text("{}")
     assert _search(out) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err
     assert main(["search", "--no-dp", "--cost", "latency", "--out", str(tmp_path / "x")]) == 2

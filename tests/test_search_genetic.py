@@ -11,7 +11,7 @@ import cachekit
 from cachekit.cost import MacProfile
 from cachekit.policies import FORAConfig, TGATEConfig, fora_schedule, tgate_schedule
 from cachekit.search.fitness import Fitness, capped_psnr
-from cachekit.search.genetic import Genome, SearchConfig, hypervolume, run_search, write_outputs
+from cachekit.search.genetic import CHECKPOINT, Genome, SearchConfig, hypervolume, run_search, write_outputs
 from tiny_models import TINY_MODELS, build, denoise
 
 NAME = "PixArtTransformer2DModel"
@@ -109,6 +109,8 @@ def test_resume_after_kill_gives_the_same_front(model, tmp_path):
         (p["genes"], p["quality"], p["cost"]) for p in uninterrupted.front
     ]
     assert resumed.history == uninterrupted.history
+    saved = json.loads((tmp_path / "b" / CHECKPOINT).read_text())  # plain JSON, nothing pickled
+    assert saved["generation"] == config.generations and not (tmp_path / "b" / "checkpoint.pkl").exists()
 
 
 def test_block_genome_with_forecast_genes_round_trips(model):
