@@ -117,7 +117,7 @@ def resolve_plan(plan: PlanLike, transformer: nn.Module | None = None, num_steps
 
 
 def _from_file(path: Path) -> Any:
-    from .policies.calibration import CALIBRATION_FORMAT, PolicyCalibration
+    from .policies.calibration import POLICY_CALIBRATION_FORMAT, PolicyCalibration
     from .policies.spec import runtime_policy
 
     if path.is_dir():
@@ -134,7 +134,7 @@ def _from_file(path: Path) -> Any:
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt == SCHEDULE_FORMAT:
         return Schedule.load(path)
-    if fmt == CALIBRATION_FORMAT:
+    if fmt == POLICY_CALIBRATION_FORMAT:
         calibration = PolicyCalibration.load(path)
         return runtime_policy(calibration.policy, calibration)
     raise PlanError(f"{path} is neither a cachekit schedule nor a policy calibration")

@@ -66,7 +66,7 @@ class PolicySweep:
     `values(num_blocks, num_steps, calibration)` is the default sweep, sized to the model and step count (a fixed
     number of cached blocks or a fixed gate step would mean something else on every model); `options(num_blocks,
     num_steps)` the policy's other settings. Runtime policies are first calibrated on the model
-    (`cachekit.policies.calibrate_pipeline`: TeaCache's polynomial, MagCache's ratios, first-block's quantiles), then
+    (`cachekit.pipelines.calibrate_policy`: TeaCache's polynomial, MagCache's ratios, first-block's quantiles), then
     built with `runtime_policy` at each knob value; static ones are plan specs for `resolve_plan`.
     """
 
@@ -137,7 +137,8 @@ def parse_selection(items: Sequence[str], known: Sequence[str], what: str) -> tu
 def _policy_plans(sweeps: Sequence[PolicySweep], knobs: Mapping[str, Sequence], pipe: Any, probe: PipelineCall,
                   base_seed: int, out: Path | None, progress: bool) -> tuple[list[tuple[dict, Any]], list[dict], dict]:
     """((row, plan) per knob value, rows for the families that cannot run here, calibration per runtime policy)."""
-    from cachekit.policies import calibrate_pipeline, resolve_plan, runtime_policy
+    from cachekit.pipelines import calibrate_policy
+    from cachekit.policies import resolve_plan, runtime_policy
     from cachekit.registry import resolve_layout
 
     plans: list[tuple[dict, Any]] = []
@@ -149,8 +150,7 @@ def _policy_plans(sweeps: Sequence[PolicySweep], knobs: Mapping[str, Sequence], 
             num_blocks = resolve_layout(pipe.transformer, "block").num_blocks
             calibration = None
             if sweep.runtime:
-                calibration = calibrate_pipeline(sweep.family, pipe, list(probe.prompts), steps, seed=base_seed,
-                                                 **probe.kwargs)
+                calibration = calibrate_policy(sweep.family, pipe, probe)
                 entry: dict[str, Any] = {"values": calibration.values, "samples": calibration.samples}
                 if out is not None:
                     path = out / "calibration" / f"{sweep.family}.json"

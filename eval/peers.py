@@ -49,6 +49,8 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
+from cachekit.pipelines.call import PipelineCall
+
 __all__ = [
     "PEERS",
     "Peer",
@@ -75,58 +77,6 @@ _CONTEXT_NAME = "cachekit.peer"
 
 class PeerCannotAct(RuntimeError):
     """The peer cannot act on this model or call; the message is the reason shown in the peer's row."""
-
-
-# --------------------------------------------------------------------------------------------------------- the call
-@dataclasses.dataclass(frozen=True)
-class PipelineCall:
-    """One reproducible pipeline call: the same prompts, settings and seeds every time it runs.
-
-    Peers are compared on the very same call, and MagCache calibrates on it, so a call is a value, not a closure: one
-    CPU generator per prompt (`seed = seeds[i]`, default `i`), exactly as `cachekit.eval.generate` seeds its images,
-    so the initial noise is identical on every device. `num_inference_steps` may also come in `kwargs` (so
-    ``kwargs=DIGITS_DEFAULTS`` works); the step count must be known because several peers are sized by it.
-    """
-
-    prompts: tuple[str, ...]
-    num_inference_steps: int | None = None
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    seeds: tuple[int, ...] | None = None
-    output_type: str = "pt"
-
-    def __post_init__(self) -> None:
-        prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
-        kwargs = dict(self.kwargs)
-        steps = kwargs.pop("num_inference_steps", None)
-        if steps is not None and self.num_inference_steps is not None and steps != self.num_inference_steps:
-            raise ValueError(f"num_inference_steps is {self.num_inference_steps}, but kwargs say {steps}")
-        steps = self.num_inference_steps if self.num_inference_steps is not None else steps
-        if steps is None or int(steps) < 1:
-            raise ValueError(f"a PipelineCall needs num_inference_steps >= 1, got {steps}")
-        object.__setattr__(self, "prompts", prompts)
-        object.__setattr__(self, "kwargs", kwargs)
-        object.__setattr__(self, "num_inference_steps", int(steps))
-        if not prompts:
-            raise ValueError("a PipelineCall needs at least one prompt")
-        reserved = {"prompt", "generator", "output_type"} & set(kwargs)
-        if reserved:
-            raise ValueError(f"{sorted(reserved)} are set by PipelineCall itself, not kwargs")
-        if self.seeds is not None:
-            object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-            if len(self.seeds) != len(prompts):
-                raise ValueError(f"{len(self.seeds)} seeds for {len(prompts)} prompts")
-
-    def replace(self, **changes: Any) -> "PipelineCall":
-        return dataclasses.replace(self, **changes)
-
-    def __call__(self, pipe: Any) -> Any:
-        """Run the pipeline once and return its images (latents with ``output_type="latent"``)."""
-        seeds = self.seeds if self.seeds is not None else range(len(self.prompts))
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        with torch.no_grad():
-            out = pipe(prompt=list(self.prompts), num_inference_steps=self.num_inference_steps, generator=generators,
-                       output_type=self.output_type, **self.kwargs)
-        return out.images if hasattr(out, "images") else out[0]
 
 
 # ------------------------------------------------------------------------------------------------ measuring the work

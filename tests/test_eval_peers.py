@@ -222,7 +222,7 @@ def test_diffusers_peer_on_a_cache_mixin_model_keeps_the_pipeline_contexts():
 
 
 def test_pipeline_call_validates():
-    with pytest.raises(ValueError, match="set by PipelineCall itself"):
+    with pytest.raises(ValueError, match="set by the call itself"):
         PipelineCall(["a 3"], 4, kwargs={"output_type": "pil"})
     with pytest.raises(ValueError, match="num_inference_steps is 4, but kwargs say 20"):
         PipelineCall(["a 3"], 4, kwargs={"num_inference_steps": 20})

@@ -54,7 +54,7 @@ __all__ = [
 from .first_block import FirstBlockCacheConfig, FirstBlockCachePolicy, apply_first_block_cache  # noqa: E402
 from .magcache import MagCacheConfig, MagCachePolicy, apply_magcache  # noqa: E402
 from .teacache import TeaCacheConfig, TeaCachePolicy, apply_teacache  # noqa: E402
-from .calibration import PolicyCalibration, calibrate_pipeline  # noqa: E402
+from .calibration import PolicyCalibration, calibrate_run  # noqa: E402
 from .spec import RUNTIME_POLICIES, runtime_policy  # noqa: E402
 from ..plans import resolve_plan  # noqa: E402
 
@@ -69,7 +69,7 @@ __all__ += [
     "TeaCachePolicy",
     "apply_teacache",
     "PolicyCalibration",
-    "calibrate_pipeline",
+    "calibrate_run",
     "RUNTIME_POLICIES",
     "resolve_plan",
     "runtime_policy",

@@ -14,15 +14,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-
+from ..errors import UsageError
+from ..io import atomic_write
 from ..wrapper import cached, denoisers
 from .runtime import SignalRecorder, relative_l1
 
-__all__ = ["PolicyCalibration", "record_signals", "fit", "calibrate_pipeline", "CALIBRATION_FORMAT"]
+__all__ = ["PolicyCalibration", "record_signals", "fit", "calibrate_run", "POLICY_CALIBRATION_FORMAT",
+           "CALIBRATED_POLICIES"]
 
-CALIBRATION_FORMAT = "cachekit.policy-calibration"
+POLICY_CALIBRATION_FORMAT = "cachekit.policy-calibration"
+"""The `format` field of a runtime-policy calibration file (the solver's calibration is `cachekit.calibration`)."""
 CALIBRATED_POLICIES = ("teacache", "magcache", "first-block")
+"""The runtime policies `fit` knows how to calibrate (every entry of `cachekit.policies.RUNTIME_POLICIES`)."""
 
 
 @dataclass
@@ -37,24 +40,27 @@ class PolicyCalibration:
     details: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"format": CALIBRATION_FORMAT, "version": 1, **asdict(self)}, f, indent=1)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            json.dump({"format": POLICY_CALIBRATION_FORMAT, "version": 1, **asdict(self)}, f, indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PolicyCalibration":
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a folder, not a policy calibration file")
         try:
             with open(path) as f:
                 data = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"calibration file not found: {path}") from None
-        if data.get("format") != CALIBRATION_FORMAT or data.get("version") != 1:
-            raise ValueError(f"{path} is not a cachekit policy calibration (version 1)")
+            raise UsageError(f"calibration file not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"{path} is not a cachekit policy calibration: not JSON") from None
+        if not isinstance(data, dict) or data.get("format") != POLICY_CALIBRATION_FORMAT or data.get("version") != 1:
+            raise UsageError(f"{path} is not a cachekit policy calibration (version 1)")
         data.pop("format"), data.pop("version")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise UsageError(f"corrupt policy calibration {path}: {err}") from None
 
 
 def record_signals(pipe_or_transformer: Any, run: Callable[[], Any], **enable_kwargs: Any) -> SignalRecorder:
@@ -106,27 +112,21 @@ def fit(policy: str, recorder: SignalRecorder, num_steps: int, degree: int = 4) 
     raise ValueError(f"no calibration for policy {policy!r}; calibrated policies: {CALIBRATED_POLICIES}")
 
 
-def calibrate_pipeline(
-    policy: str, pipe: Any, prompts: list[str], num_steps: int, seed: int = 0, **call_kwargs: Any
-) -> PolicyCalibration:
-    """One uncached generation over `prompts`, recorded and fitted for `policy`."""
+def calibrate_run(policy: str, pipe_or_transformer: Any, run: Callable[[], Any], num_steps: int,
+                  details: dict[str, Any] | None = None, **enable_kwargs: Any) -> PolicyCalibration:
+    """Record `run()` (complete uncached `num_steps`-step generations) and fit `policy` to what it saw.
+
+    `cachekit.pipelines.calibrate_policy` is this with a seeded pipeline call as `run`.
+    """
     if policy not in CALIBRATED_POLICIES:
         raise ValueError(f"no calibration for policy {policy!r}; calibrated policies: {CALIBRATED_POLICIES}")
-
-    def run() -> None:
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        with torch.no_grad():
-            pipe(prompt=prompts, num_inference_steps=num_steps, generator=generators, output_type="latent",
-                 **call_kwargs)
-
-    recorder = record_signals(pipe, run)
+    recorder = record_signals(pipe_or_transformer, run, **enable_kwargs)
     values = fit(policy, recorder, num_steps)
-    transformer = denoisers(pipe)[0]
     return PolicyCalibration(
         policy=policy,
-        model_class=type(transformer).__name__,
+        model_class=type(denoisers(pipe_or_transformer)[0]).__name__,
         num_steps=num_steps,
         values=values,
         samples=len(recorder.records),
-        details={"prompts": prompts, "seed": seed, "scheduler": type(pipe.scheduler).__name__},
+        details=dict(details or {}),
     )
