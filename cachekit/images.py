@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .io import atomic_path
+
 __all__ = ["to_pil", "image_grid", "save_image_grid"]
 
 
@@ -49,8 +51,5 @@ def save_image_grid(images: Sequence, path: str | os.PathLike, columns: int | No
     scale = max(1, 256 // max(grid.width, grid.height, 1)) if max(grid.size) < 256 else 1
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        grid.save(tmp, format="PNG")

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from .errors import CachekitError
 
-__all__ = ["OutputError", "atomic_path", "atomic_write", "check_writable"]
+__all__ = ["OutputError", "atomic_path", "atomic_write", "check_writable", "write_text", "save_figure"]
 
 
 class OutputError(CachekitError, OSError):
@@ -91,6 +91,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a whole text file (UTF-8) atomically."""
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(text)
+
+
+def save_figure(figure: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
+    """Save a matplotlib figure atomically, in the format its file name says (PNG by default)."""
+    target = Path(path)
+    fmt = target.suffix.lstrip(".") or "png"
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, format=fmt, **savefig_kwargs)
 
 
 def _remove_quietly(path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CachekitError
+from .io import atomic_write
 from .registry import BLOCK_COMPONENT, ModelLayout, resolve_layout
 from .state import StepRows
 
@@ -345,23 +346,20 @@ class Schedule:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the schedule atomically: a crash mid-write never leaves a half-written file."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_write(path) as f:
             json.dump(self.to_dict(), f, indent=1)
             f.write("\n")
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Schedule":
+        if os.path.isdir(path):
+            raise ScheduleError(f"{path} is a folder, not a schedule file")
         try:
             with open(path) as f:
                 data = json.load(f)
         except FileNotFoundError:
             raise ScheduleError(f"schedule file not found: {path}") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ScheduleError(f"corrupt schedule file {path}: not JSON ({err})") from None
         try:
             return cls.from_dict(data)

@@ -82,4 +82,7 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
     """Write one uint8 [3,H,W] image as PNG (lossless, so a re-read gives the same metric)."""
     from PIL import Image
 
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+    from cachekit.io import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")

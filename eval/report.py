@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from cachekit.io import save_figure, write_text
+
 __all__ = ["jsonable", "write_json", "render_markdown", "save_grid", "save_tradeoff_plot", "write_report"]
 
 _LOWER_IS_BETTER = {"fid", "kid", "kid_std", "lpips"}
@@ -39,7 +41,7 @@ def jsonable(obj: Any) -> Any:
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the machine-readable report (sorted keys are not used: schedule order is meaningful)."""
-    Path(path).write_text(json.dumps(jsonable(report), indent=2) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(jsonable(report), indent=2) + "\n")
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -115,7 +117,7 @@ def save_grid(columns: dict[str, torch.Tensor], prompts: list[str], path: str | 
                 text = prompts[r] if len(prompts[r]) <= 28 else prompts[r][:27] + "…"
                 ax.set_ylabel(text, fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -149,7 +151,7 @@ def save_tradeoff_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"quality vs speedup — {report.get('model')}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -175,5 +177,5 @@ def write_report(
     paths["json"] = out / "report.json"
     write_json(report, paths["json"])
     paths["markdown"] = out / "report.md"
-    paths["markdown"].write_text(render_markdown(report), encoding="utf-8")
+    write_text(paths["markdown"], render_markdown(report))
     return paths

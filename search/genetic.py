@@ -41,7 +41,7 @@ from deap import base, creator, tools
 from tqdm.auto import tqdm
 
 from cachekit.errors import UsageError
-from cachekit.io import atomic_write
+from cachekit.io import atomic_write, save_figure, write_text
 from cachekit.schedule import Schedule
 
 from .fitness import Evaluator
@@ -681,8 +681,7 @@ def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.Pa
         "seeds": result.seeds,
         "front": [{k: v for k, v in p.items() if k != "genes"} for p in result.front],
     }
-    with open(os.path.join(out_dir, "front.json"), "w") as f:
-        json.dump(front_json, f, indent=1)
+    write_text(os.path.join(out_dir, "front.json"), json.dumps(front_json, indent=1))
     _plot_front(result, os.path.join(out_dir, "front.png"))
     _write_summary(result, os.path.join(out_dir, "summary.md"))
     return files
@@ -710,7 +709,7 @@ def _plot_front(result: SearchResult, path: str) -> None:
     ax_hv.set_ylabel("hypervolume")
     ax_hv.set_title("hypervolume per generation")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -731,5 +730,4 @@ def _write_summary(result: SearchResult, path: str) -> None:
     lines += ["", "| generation | evaluations | front size | hypervolume |", "|---|---|---|---|"]
     for h in result.history:
         lines.append(f"| {h['generation']} | {h['evaluations']} | {h['front_size']} | {h['hypervolume']:.4g} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")

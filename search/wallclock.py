@@ -30,6 +30,7 @@ import torch
 from scipy.optimize import nnls
 
 from cachekit.cost import MacProfile
+from cachekit.io import atomic_write
 from cachekit.eval.latency import measure_interleaved
 from cachekit.schedule import Schedule
 
@@ -99,10 +100,8 @@ class WallClockModel:
             )
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(path) as f:
             json.dump({"format": "cachekit.wallclock", "version": 1, **asdict(self)}, f, indent=1)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WallClockModel":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import CachekitError
+from ..io import write_text
 
 __all__ = [
     "DIGITS_DEFAULTS",
@@ -187,9 +188,7 @@ def register_clip() -> str:
     reg_dir = Path(tempfile.gettempdir()) / f"cachekit-open-clip-{os.getuid() if hasattr(os, 'getuid') else 0}"
     reg_dir.mkdir(parents=True, exist_ok=True)
     target = reg_dir / f"{DIGITS_CLIP_NAME}.json"
-    tmp = reg_dir / f".{DIGITS_CLIP_NAME}.{os.getpid()}.json"
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, target)
+    write_text(target, json.dumps(cfg, indent=2))
     open_clip.add_model_config(target)
     _registered = DIGITS_CLIP_NAME
     return _registered
