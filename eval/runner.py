@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from cachekit.pipelines.call import PipelineCall
+
 from .distributed import Dist, get_dist, global_batches
 from .images import save_png, to_uint8
 from .latency import count_call_macs, measure_interleaved, paired_speedup
@@ -57,23 +59,13 @@ def generate(
     num_steps: int,
     pipe_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Images (uint8 [N,3,H,W], CPU) for `prompts`, one CPU generator per prompt, with `plan` applied if not None.
+    """Images (uint8 [N,3,H,W], CPU) for `prompts` seeded `seeds`, with `plan` applied if not None.
 
-    CPU generators make the initial noise identical on every device and process; one generator per prompt makes
-    each image independent of which other prompts share its batch.
+    The call is `cachekit.pipelines.PipelineCall`'s: one CPU generator per prompt, the model's call defaults under
+    `pipe_kwargs`, so search, calibration and `cachekit generate` see the same images for the same prompt and seed.
     """
-    import cachekit
-
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    call = dict(prompt=list(prompts), num_inference_steps=num_steps, generator=generators, output_type="pt")
-    call.update(pipe_kwargs or {})
-    with torch.no_grad():
-        if plan is None:
-            out = pipe(**call)
-        else:
-            with cachekit.cached(pipe, plan):
-                out = pipe(**call)
-    return to_uint8(out.images)
+    call = PipelineCall(tuple(prompts), num_steps, dict(pipe_kwargs or {}), tuple(int(s) for s in seeds))
+    return to_uint8(call(pipe, plan))
 
 
 def describe_plan(plan: Any) -> dict[str, Any]:

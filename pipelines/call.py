@@ -18,6 +18,7 @@ an image made by one of them is the image any other makes for the same prompt, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,18 +41,23 @@ def model_call_defaults(pipe: Any) -> dict[str, Any]:
     return call_defaults(name) if name is not None else {}
 
 
-def accepted_settings(pipe: Any) -> set[str] | None:
+def accepted_settings(pipe: Any) -> frozenset[str] | None:
     """The named keyword arguments of the pipeline's `__call__` (None if it has no readable signature).
 
     A catch-all `**kwargs` does not count: diffusers pipelines keep one only for deprecated arguments, and a setting
     that lands there does nothing.
     """
+    return _named_parameters(type(pipe))
+
+
+@functools.lru_cache(maxsize=64)
+def _named_parameters(pipeline_class: type) -> frozenset[str] | None:
     try:
-        parameters = inspect.signature(type(pipe).__call__).parameters
+        parameters = inspect.signature(pipeline_class.__call__).parameters
     except (TypeError, ValueError):
         return None
-    return {name for name, p in parameters.items()
-            if name != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    return frozenset(name for name, p in parameters.items()
+                     if name != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
 
 
 @dataclasses.dataclass(frozen=True)

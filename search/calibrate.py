@@ -37,6 +37,9 @@ from tqdm.auto import tqdm
 
 import cachekit
 from cachekit.cost import MacProfile
+from cachekit.errors import UsageError
+from cachekit.io import atomic_path, atomic_write
+from cachekit.pipelines.call import PipelineCall
 from cachekit.eval.latency import time_call
 from cachekit.hooks import CacheSession, session_of
 from cachekit.registry import ModelLayout, resolve_layout
@@ -187,7 +190,6 @@ class Calibration:
         device) and per-block latency so a person can see what a calibration is without loading it.
         """
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         meta = self._meta()
         payload = {
             "meta": json.dumps(meta),
@@ -199,11 +201,10 @@ class Calibration:
             "macs_per_component": self.macs["per_component"].clone(),
             "macs_per_block": self.macs["per_block"].clone(),
         }
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
         readable = {**meta, "latency_s": self.latency.tolist(), "summary": self.summary().splitlines()}
-        with open(f"{path}.json", "w") as f:
+        with atomic_write(f"{path}.json") as f:
             json.dump(readable, f, indent=1)
             f.write("\n")
 
@@ -575,19 +576,17 @@ def calibrate(
     """
     prompts = [str(p) for p in prompts]
     if not prompts:
-        raise ValueError("calibration needs at least one prompt")
+        raise UsageError("calibration needs at least one prompt")
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    for reserved in ("prompt", "num_inference_steps", "generator", "output_type"):
-        if reserved in call_kwargs:
-            raise ValueError(f"{reserved!r} is set by calibrate itself")
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     size = batch_size or len(prompts)
+    call = PipelineCall(tuple(prompts), num_steps, call_kwargs, tuple(seed + k for k in range(len(prompts))),
+                        output_type="latent")
+    chunks = call.chunks(size)
 
     def run() -> None:
-        for start in range(0, len(prompts), size):
-            chunk = prompts[start : start + size]
-            generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
-            pipe(prompt=chunk, num_inference_steps=num_steps, generator=generators, output_type="latent", **call_kwargs)
+        for chunk in chunks:
+            chunk(pipe)
 
     settings = {k: v for k, v in call_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
     return calibrate_transformer(
@@ -599,7 +598,7 @@ def calibrate(
         max_features=max_features,
         seed=seed,
         progress=progress,
-        generations=-(-len(prompts) // size),
+        generations=len(chunks),
         meta={"pipeline": type(pipe).__name__, "prompts": prompts, "seed": seed, "batch_size": size,
               "call_kwargs": settings},
     )

@@ -33,6 +33,7 @@ from cachekit.cost import MacProfile
 from cachekit.eval.distributed import Dist, get_dist, global_batches
 from cachekit.eval.fidelity import PSNR
 from cachekit.eval.images import to_uint8
+from cachekit.pipelines.call import PipelineCall
 from cachekit.schedule import Schedule
 
 __all__ = [
@@ -125,6 +126,8 @@ class PipelineEvaluator:
         self.num_steps = num_steps
         self.seed = seed
         self.call_kwargs = call_kwargs
+        self._call = PipelineCall(tuple(self.prompts), num_steps, call_kwargs,
+                                  tuple(seed + i for i in range(len(self.prompts))))
         self.quality = quality
         self.cost_kind = cost
         self.quality_name = QUALITIES[quality]
@@ -160,12 +163,7 @@ class PipelineEvaluator:
 
     def call(self) -> torch.Tensor:
         """The pipeline call candidates are judged by, with whatever cache is enabled on the pipeline."""
-        generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))]
-        call = dict(prompt=self.prompts, num_inference_steps=self.num_steps, generator=generators, output_type="pt",
-                    **self.call_kwargs)
-        with torch.no_grad():
-            images = self.pipe(**call).images
-        return to_uint8(images)
+        return to_uint8(self._call(self.pipe))
 
     def apply(self, schedule: Schedule) -> Any:
         """A context with `schedule` enabled on the pipeline."""

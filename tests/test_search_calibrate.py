@@ -227,7 +227,7 @@ def test_calibrate_a_stock_pipeline():
     per_unit, total = calib.unit_costs("macs")
     assert torch.all(per_unit > 0) and per_unit.sum() < total
     assert torch.all(calib.rel_l1[..., 0, 3] > 0) and session_of(pipe.transformer) is None
-    with pytest.raises(ValueError, match="'output_type' is set by calibrate itself"):
+    with pytest.raises(ValueError, match="'output_type'\] are set by the call itself"):
         calibrate(pipe, ["a 3"], 4, output_type="pil")
 
 
