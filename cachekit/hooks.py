@@ -351,13 +351,17 @@ class CacheSession:
             parts.append((index, cache.gather(chosen) if order == 0 else cache.forecast(chosen, steps[index], order)))
         return merge_rows(parts, len(keys))
 
-    def observe(self, rows: StepRows, block: int, component: int, value: Any) -> None:
-        """Hand what `rows` just computed to the plans that watch (runtime policies); `value` is row-aligned."""
+    def observe(self, rows: StepRows, block: int, component: int, mode: str, value: Any) -> None:
+        """Hand what `rows` just computed to the plans that watch (runtime policies); `value` is row-aligned.
+
+        A plan sees only the hooks of its own mode: a block-mode policy reads block residuals, never the component
+        outputs computed inside a block for rows of component-mode plans.
+        """
         if not self.has_observers:
             return
         for group in rows.groups or self.groups_of(rows):
             observe = group.compiled.observe
-            if observe is not None:
+            if observe is not None and group.compiled.mode == mode:
                 observe(group.rows, block, component, value if group.index is None else take_rows(value, group.index))
 
     # -------------------------------------------------------------- the forward pass lifecycle
@@ -537,7 +541,7 @@ class _RowCachingHook(ModelHook):
             output = self.fn_ref.original_forward(*args, **kwargs)
             value = self._cache_value(args, kwargs, output)
             cache.store(rows.keys, value, rows.step_list)
-            session.observe(rows, self.block, self.component, value)
+            session.observe(rows, self.block, self.component, self.mode, value)
             return output
         if n_compute == 0:
             return self._serve(args, kwargs, session.serve(cache, rows, None, self.block, self.component))
@@ -550,7 +554,7 @@ class _RowCachingHook(ModelHook):
             computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
         value = self._cache_value(c_args, c_kwargs, computed)
         cache.store(computing.keys, value, computing.step_list)
-        session.observe(computing, self.block, self.component, value)
+        session.observe(computing, self.block, self.component, self.mode, value)
         cached = session.serve(cache, rows, reuse_rows, self.block, self.component)
         if self.serve_needs_inputs:
             r_args, r_kwargs = self._take_input_rows(args, kwargs, reuse_rows, batch)

@@ -12,7 +12,7 @@ import cachekit
 from cachekit.cost import MacProfile
 from cachekit.hooks import session_of
 from cachekit.search.calibrate import CALIBRATE_HOOK, Calibration, CalibrationError, calibrate, calibrate_transformer
-from tiny_models import TINY_MODELS, build, denoise
+from tiny_models import TINY_MODELS, build, denoise, tiny_pixart_pipeline
 
 NAME = "PixArtTransformer2DModel"
 STEPS = 6
@@ -192,25 +192,6 @@ def test_bad_input_is_refused(model):
 
 
 # ---------------------------------------------------------------------------------------------------------- pipeline
-def tiny_pixart_pipeline():
-    """A stock PixArtAlphaPipeline with the digits model's architecture, untrained and two blocks deep."""
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
-
-    from cachekit.zoo import train_digits as td
-
-    torch.manual_seed(0)
-    tokenizer = td.build_tokenizer()
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2,
-        cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=td.TEXT_DIM,
-        norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False,
-    ).eval()
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=td.build_text_encoder(len(tokenizer)).eval(),
-                               vae=td.build_vae().eval(), transformer=transformer, scheduler=td.build_scheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 PIPE_SETTINGS = {"height": 16, "width": 16, "max_sequence_length": 16, "use_resolution_binning": False,
                  "clean_caption": False, "guidance_scale": 4.0}
 

@@ -197,3 +197,97 @@ def denoise(
             if on_step is not None:
                 on_step(i)
     return latents
+
+
+def tiny_pixart_pipeline():
+    """A stock PixArtAlphaPipeline with the digits model's architecture, untrained and two blocks deep."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from cachekit.zoo import train_digits as td
+
+    torch.manual_seed(0)
+    tokenizer = td.build_tokenizer()
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2,
+        cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=td.TEXT_DIM,
+        norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False,
+    ).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=td.build_text_encoder(len(tokenizer)).eval(),
+                               vae=td.build_vae().eval(), transformer=transformer, scheduler=td.build_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------- many requests in one forward
+@dataclass
+class Request:
+    """One generation served row-wise: its own key, step count, plan, noise seed and arrival tick."""
+
+    key: str
+    num_steps: int
+    plan: object = None
+    seed: int = 0
+    arrival: int = 0
+
+
+def _request_inputs(tiny: TinyModel, request: Request) -> tuple[torch.Tensor, dict]:
+    gen = torch.Generator().manual_seed(request.seed)
+    return tiny.latents(1, gen), tiny.conditioning(1, gen)
+
+
+def solo(model: torch.nn.Module, tiny: TinyModel, request: Request) -> torch.Tensor:
+    """The request alone: a plain loop with its plan enabled the ordinary way (steps read off the timestep)."""
+    scheduler = tiny.scheduler()
+    if request.plan is None:
+        return denoise(model, tiny, request.num_steps, batch=1, seed=request.seed, scheduler=scheduler)
+    with cachekit.cached(model, request.plan, scheduler=scheduler):
+        return denoise(model, tiny, request.num_steps, batch=1, seed=request.seed, scheduler=scheduler)
+
+
+def _cat(values: list):
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values) if first.shape[0] == 1 else first  # unbatched inputs (FLUX ids) pass whole
+    if isinstance(first, dict):
+        return {k: _cat([v[k] for v in values]) for k in first}
+    return first
+
+
+def serve_together(model: torch.nn.Module, tiny: TinyModel, requests: list[Request],
+                   after_forward: Callable[[int, list[str]], None] | None = None) -> dict[str, torch.Tensor]:
+    """Every tick, one transformer forward over the rows of all requests in flight, each at its own step.
+
+    This is the streaming runner in miniature: per-row timesteps, keys, step counts and plans through
+    `cachekit.rows`, and one scheduler per request. The model must be enabled with `cachekit.enable(model, None)`.
+    """
+    state = {}
+    for request in requests:
+        latents, cond = _request_inputs(tiny, request)
+        scheduler = tiny.scheduler()
+        scheduler.set_timesteps(request.num_steps)
+        state[request.key] = {"latents": latents, "cond": cond, "scheduler": scheduler, "step": 0}
+    done: dict[str, torch.Tensor] = {}
+    tick = 0
+    with torch.no_grad():
+        while len(done) < len(requests):
+            active = [r for r in requests if r.arrival <= tick and r.key not in done]
+            tick += 1
+            if not active:
+                continue
+            rows = [state[r.key] for r in active]
+            latents = torch.cat([s["latents"] for s in rows])
+            timesteps = torch.stack([s["scheduler"].timesteps[s["step"]] for s in rows])
+            cond = _cat([s["cond"] for s in rows])
+            with cachekit.rows(model, [s["step"] for s in rows], [r.key for r in active],
+                               [r.num_steps for r in active], [r.plan for r in active]):
+                out = model(latents, timestep=timesteps / tiny.timestep_scale, return_dict=False, **cond)
+            pred = tiny.output(out, latents)
+            for i, (request, s) in enumerate(zip(active, rows)):
+                t = s["scheduler"].timesteps[s["step"]]
+                s["latents"] = s["scheduler"].step(pred[i : i + 1], t, s["latents"]).prev_sample
+                s["step"] += 1
+                if s["step"] == request.num_steps:
+                    done[request.key] = s["latents"]
+            if after_forward is not None:
+                after_forward(tick, [r.key for r in active])
+    return done
