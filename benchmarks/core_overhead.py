@@ -6,13 +6,23 @@ Prints ratios measured in one run, never asserts them:
   reduction; goal >= 0.9 of it.
 
     python benchmarks/core_overhead.py --num-images 40 --repeats 5
+    python benchmarks/core_overhead.py --num-images 40 --repeats 5 --against HEAD~1 --rounds 3
+
+`--against REF` measures a regression the only fair way on a shared machine: the same benchmark of the commit REF
+(checked out in a temporary git worktree) and of this tree, run alternately in fresh processes, each reporting its
+own overhead against the stock pipeline timed in the same process, so machine drift cancels within each number.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -36,7 +46,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--against", default=None, metavar="REF",
+                        help="also measure git commit REF, alternating fresh processes with this tree")
+    parser.add_argument("--rounds", type=int, default=3, help="with --against: processes per tree (default 3)")
     args = parser.parse_args()
+    if args.against:
+        compare_with(args)
+        return
 
     torch.set_num_threads(torch.get_num_threads())
     pipe = load_pipeline(args.model)
@@ -96,6 +112,51 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def compare_with(args: argparse.Namespace) -> None:
+    """Run this benchmark for commit `args.against` and for this tree, alternately, and print both overheads."""
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--model", args.model, "--num-images", str(args.num_images), "--steps", str(args.steps),
+              "--repeats", str(args.repeats)]
+    results: dict[str, list[dict]] = {args.against: [], "this tree": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        worktree = Path(tmp) / "ref"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(worktree), args.against],
+                       check=True, capture_output=True)
+        try:
+            for package in ("eval", "search", "pipelines"):  # the repo maps these into cachekit. at install time
+                link = worktree / "cachekit" / package
+                if (worktree / package).is_dir() and not link.exists():
+                    link.symlink_to(worktree / package, target_is_directory=True)
+            for round_ in range(args.rounds):
+                for label, root in ((args.against, worktree), ("this tree", repo)):
+                    out = Path(tmp) / f"{round_}-{len(results[label])}-{label.replace(' ', '_')}.json"
+                    env = dict(os.environ, PYTHONPATH=str(root))
+                    subprocess.run([sys.executable, str(root / "benchmarks" / "core_overhead.py"), *common,
+                                    "--json", str(out)], check=True, env=env, cwd=root, stdout=subprocess.DEVNULL)
+                    results[label].append(json.loads(out.read_text()))
+                    print(f"round {round_ + 1}/{args.rounds} {label}: hook overhead "
+                          f"{results[label][-1]['hook_overhead']:+.2%}", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(worktree)],
+                           check=False, capture_output=True)
+    summary = {}
+    for label, runs in results.items():
+        overheads = [r["hook_overhead"] for r in runs]
+        block = [r["rows"]["every-3rd (block)"]["wall_over_mac"] for r in runs]
+        component = [r["rows"]["every-3rd (component)"]["wall_over_mac"] for r in runs]
+        summary[label] = {"hook_overhead": statistics.median(overheads), "runs": overheads,
+                          "wall_over_mac_block": statistics.median(block),
+                          "wall_over_mac_component": statistics.median(component)}
+        print(f"{label:<12} hook overhead median {summary[label]['hook_overhead']:+.2%} "
+              f"(runs {', '.join(f'{o:+.2%}' for o in overheads)}); every-3rd wall/MAC: "
+              f"block {summary[label]['wall_over_mac_block']:.2f}, "
+              f"component {summary[label]['wall_over_mac_component']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"against": args.against, "rounds": args.rounds, "summary": summary, "runs": results}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
