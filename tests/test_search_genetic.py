@@ -8,47 +8,20 @@ import pytest
 import torch
 
 import cachekit
-from cachekit.cost import MacProfile
 from cachekit.policies import FORAConfig, TGATEConfig, fora_schedule, tgate_schedule
-from cachekit.search.fitness import Fitness, capped_psnr
+from cachekit.search.fitness import Fitness
 from cachekit.search.genetic import CHECKPOINT, Genome, SearchConfig, hypervolume, run_search, write_outputs
-from tiny_models import TINY_MODELS, build, denoise
+from tiny_models import TinyLoopEvaluator, build
 
 NAME = "PixArtTransformer2DModel"
 STEPS = 6
 
 
-class LoopEvaluator:
-    """Fidelity of the final latents of a real denoising loop to the uncached ones; predicted MAC ratio as cost."""
-
-    quality_name = "psnr_vs_uncached"
-    cost_name = "mac_ratio"
+class LoopEvaluator(TinyLoopEvaluator):
+    """The shared tiny-model evaluator on PixArt at this module's step count."""
 
     def __init__(self, model, fail_after: int | None = None):
-        self.model, self.tiny = model, TINY_MODELS[NAME]
-        gen = torch.Generator().manual_seed(0)
-        self.profile = MacProfile.measure(model, self.tiny.latents(2, gen), timestep=torch.tensor([500.0, 500.0]),
-                                          return_dict=False, **self.tiny.conditioning(2, gen))
-        self.reference = self._images(None)
-        self.calls, self.fail_after = 0, fail_after
-
-    def _images(self, schedule):
-        scheduler = self.tiny.scheduler()
-        if schedule is None:
-            latents = denoise(self.model, self.tiny, STEPS, scheduler=scheduler)
-        else:
-            with cachekit.cached(self.model, schedule, scheduler=scheduler):
-                latents = denoise(self.model, self.tiny, STEPS, scheduler=scheduler)
-        return ((latents.clamp(-3, 3) + 3) / 6 * 255).round().to(torch.uint8)[:, :3]
-
-    def evaluate(self, schedules):
-        out = []
-        for schedule in schedules:
-            if self.fail_after is not None and self.calls >= self.fail_after:
-                raise KeyboardInterrupt("killed mid-generation")
-            self.calls += 1
-            out.append(Fitness(capped_psnr(self._images(schedule), self.reference), self.profile.predict(schedule)))
-        return out
+        super().__init__(model, NAME, STEPS, fail_after)
 
 
 @pytest.fixture(scope="module")

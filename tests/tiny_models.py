@@ -291,3 +291,43 @@ def serve_together(model: torch.nn.Module, tiny: TinyModel, requests: list[Reque
             if after_forward is not None:
                 after_forward(tick, [r.key for r in active])
     return done
+
+
+class TinyLoopEvaluator:
+    """A search evaluator on a tiny model: PSNR of a real denoising loop's final latents (as uint8 images) against
+    the uncached loop's, and the predicted MAC ratio as cost."""
+
+    quality_name = "psnr_vs_uncached"
+    cost_name = "mac_ratio"
+
+    def __init__(self, model: torch.nn.Module, name: str, num_steps: int, fail_after: int | None = None):
+        from cachekit.cost import MacProfile
+
+        self.model, self.tiny, self.num_steps = model, TINY_MODELS[name], num_steps
+        gen = torch.Generator().manual_seed(0)
+        latents, cond = self.tiny.latents(2, gen), self.tiny.conditioning(2, gen)
+        timestep = torch.full((2,), 500.0) / self.tiny.timestep_scale
+        self.profile = MacProfile.measure(model, latents, timestep=timestep, return_dict=False, **cond)
+        self.reference = self._images(None)
+        self.calls, self.fail_after = 0, fail_after
+
+    def _images(self, schedule) -> torch.Tensor:
+        scheduler = self.tiny.scheduler()
+        if schedule is None:
+            latents = denoise(self.model, self.tiny, self.num_steps, scheduler=scheduler)
+        else:
+            with cachekit.cached(self.model, schedule, scheduler=scheduler):
+                latents = denoise(self.model, self.tiny, self.num_steps, scheduler=scheduler)
+        flat = latents.flatten(1)[:, : 3 * 16].reshape(latents.shape[0], 3, 4, 4)  # any layout, as a tiny image
+        return ((flat.clamp(-3, 3) + 3) / 6 * 255).round().to(torch.uint8)
+
+    def evaluate(self, schedules):
+        from cachekit.search.fitness import Fitness, capped_psnr
+
+        out = []
+        for schedule in schedules:
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                raise KeyboardInterrupt("killed mid-generation")
+            self.calls += 1
+            out.append(Fitness(capped_psnr(self._images(schedule), self.reference), self.profile.predict(schedule)))
+        return out
