@@ -9,6 +9,7 @@ not the temporary path.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import IO, Any
 
 from .errors import CachekitError
 
-__all__ = ["OutputError", "atomic_path", "atomic_write", "check_writable", "write_text", "save_figure"]
+__all__ = ["OutputError", "atomic_path", "atomic_write", "check_writable", "write_text", "save_figure", "read_json"]
 
 
 class OutputError(CachekitError, OSError):
@@ -105,6 +106,19 @@ def save_figure(figure: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> 
     fmt = target.suffix.lstrip(".") or "png"
     with atomic_path(target) as tmp:
         figure.savefig(tmp, format=fmt, **savefig_kwargs)
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[Exception] = CachekitError) -> Any:
+    """The JSON content of a file a user named; a missing file, a folder or non-JSON is `error` naming `what`."""
+    if os.path.isdir(path):
+        raise error(f"{path} is a folder, not a {what} file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not a {what} file: not JSON ({err})") from None
 
 
 def _remove_quietly(path: Path) -> None:

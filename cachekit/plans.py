@@ -17,7 +17,6 @@ it meets, so one plan serves requests of different lengths.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -25,6 +24,7 @@ from typing import Any, Union
 from torch import nn
 
 from .errors import UsageError
+from .io import read_json
 from .keyvalue import parse_options
 from .schedule import SCHEDULE_FORMAT, Schedule, ScheduleError
 from .state import StepRows
@@ -120,17 +120,7 @@ def _from_file(path: Path) -> Any:
     from .policies.calibration import POLICY_CALIBRATION_FORMAT, PolicyCalibration
     from .policies.spec import runtime_policy
 
-    if path.is_dir():
-        raise PlanError(f"{path} is a folder, not a schedule file")
-    if not path.exists():
-        raise PlanError(f"schedule file not found: {path}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise PlanError(f"{path} is not a schedule file: not JSON ({err})") from None
-    except UnicodeDecodeError:
-        raise PlanError(f"{path} is not a schedule file: not text") from None
+    data = read_json(path, "schedule", PlanError)
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt == SCHEDULE_FORMAT:
         return Schedule.load(path)

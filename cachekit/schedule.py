@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CachekitError
-from .io import atomic_write
+from .io import atomic_write, read_json
 from .registry import BLOCK_COMPONENT, ModelLayout, resolve_layout
 from .state import StepRows
 
@@ -352,15 +352,7 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Schedule":
-        if os.path.isdir(path):
-            raise ScheduleError(f"{path} is a folder, not a schedule file")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ScheduleError(f"schedule file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ScheduleError(f"corrupt schedule file {path}: not JSON ({err})") from None
+        data = read_json(path, "schedule", ScheduleError)
         try:
             return cls.from_dict(data)
         except ScheduleError as err:

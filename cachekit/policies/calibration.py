@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from ..errors import UsageError
-from ..io import atomic_write
+from ..io import atomic_write, read_json
 from ..wrapper import cached, denoisers
 from .runtime import SignalRecorder, relative_l1
 
@@ -45,15 +45,7 @@ class PolicyCalibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PolicyCalibration":
-        if os.path.isdir(path):
-            raise UsageError(f"{path} is a folder, not a policy calibration file")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise UsageError(f"calibration file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UsageError(f"{path} is not a cachekit policy calibration: not JSON") from None
+        data = read_json(path, "policy calibration", UsageError)
         if not isinstance(data, dict) or data.get("format") != POLICY_CALIBRATION_FORMAT or data.get("version") != 1:
             raise UsageError(f"{path} is not a cachekit policy calibration (version 1)")
         data.pop("format"), data.pop("version")
