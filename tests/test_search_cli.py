@@ -11,7 +11,7 @@ from cachekit.cli import main
 from cachekit.policies import PolicyCalibration, resolve_plan
 from cachekit.zoo import load_pipeline
 
-SMALL = ["--steps", "4", "--prompts", "2"]
+SMALL = ["--steps", "4", "--num", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_calibrate_policy_round_trips_through_its_file(tmp_path, transformer, po
 
 def test_block_search_on_wall_clock_cost_with_forecast_genes_and_a_clip_constraint(tmp_path, transformer, capsys):
     out = tmp_path / "block"
-    assert _search(out, "--mode", "block", "--cost", "wallclock", "--forecast-order", "1",
+    assert _search(out, "--genome", "block", "--cost", "wallclock", "--forecast-order", "1",
                    "--clip-tolerance", "2") == 0
     front = json.loads((out / "front.json").read_text())
     assert front["objectives"] == {"quality": "psnr_vs_uncached", "cost": "wallclock_ratio"}
@@ -97,7 +97,7 @@ def test_block_search_on_wall_clock_cost_with_forecast_genes_and_a_clip_constrai
         assert point["clip_score"] >= front["evaluator"]["uncached_clip_score"] - 2
     # the saved wall-clock model is reused by a new search (no probes timed again)
     again = tmp_path / "again"
-    assert _search(again, "--mode", "block", "--cost", "wallclock", "--no-dp", "--wallclock",
+    assert _search(again, "--genome", "block", "--cost", "wallclock", "--no-dp", "--wallclock",
                    str(out / "wallclock.json")) == 0
     assert (again / "wallclock.json").read_text() == (out / "wallclock.json").read_text()
     assert main(["search", *SMALL, "--wallclock", str(out / "wallclock.json"), "--out", str(tmp_path / "z")]) == 2
