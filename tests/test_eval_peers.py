@@ -22,6 +22,7 @@ from cachekit.eval.peers import (
     PEERS,
     STEP_HOOK,
     PeerCannotAct,
+    PeerCopy,
     PipelineCall,
     fresh_pipeline,
     get_peer,
@@ -131,6 +132,60 @@ def test_peer_skips_work_and_removal_restores_uncached_output(peer, pipe, call, 
     assert torch.equal(call(copy), baseline.images)
     assert torch.equal(call(pipe), baseline.images)  # the original was never touched
     handle.remove()  # idempotent
+
+
+def _transformers_alive() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, PixArtTransformer2DModel))
+
+
+def test_peers_take_turns_on_one_copy(pipe, call, baseline):
+    """What the bench does: every peer applied around its own calls on one transformer copy, removed after each;
+    each application gives the same images, and between applications the copy is exactly the uncached model."""
+    alive = _transformers_alive()
+    on = PeerCopy(pipe, call)
+    assert _transformers_alive() == alive  # the copy is made when first used
+    for peer in [peer for peer in PEERS if peer.available()[0]]:
+        images = []
+        for _ in range(2):
+            with on.applied(peer, peer.sweep[-1]) as handle:
+                assert on.pipe.transformer._diffusers_hook.get_hook(STEP_HOOK) is handle.step_hook
+                images.append(call(on.pipe))
+            assert _hooks_left(on.pipe.transformer) == []
+            assert torch.equal(call(on.pipe), baseline.images)  # removed: the uncached model again
+        assert torch.equal(images[0], images[1]) and not torch.equal(images[0], baseline.images), peer.name
+    assert _transformers_alive() == alive + 1  # one copy for all peers, never one per peer
+    del on, handle
+    assert _transformers_alive() == alive
+
+
+def test_what_a_peer_prepares_is_measured_once_per_copy(pipe, call):
+    """MagCache's calibration (a whole pipeline call) runs once, not once per knob value or application."""
+    magcache = get_peer("diffusers.magcache")
+    on = PeerCopy(pipe, call)
+    forwards = []
+    on.pipe.transformer.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    ratios = []
+    for knob in magcache.sweep[:2]:
+        before = len(forwards)
+        with on.applied(magcache, knob) as handle:
+            call(on.pipe)
+            ratios.append(handle.details["mag_ratios"])
+        assert len(forwards) - before == (2 if knob == magcache.sweep[0] else 1) * call.num_inference_steps
+    assert ratios[0] == ratios[1] and len(ratios[0]) == call.num_inference_steps
+
+
+def test_a_peer_that_leaves_something_behind_gets_the_copy_renewed(pipe, call, baseline):
+    pab = get_peer("diffusers.pab")
+    on = PeerCopy(pipe, call)
+    first = on.pipe.transformer
+    with pytest.raises(RuntimeError, match="left hooks"):
+        with on.applied(pab, 2) as handle:
+            handle._undo.clear()  # a broken removal: the hooks stay
+    assert on.pipe.transformer is not first and _hooks_left(on.pipe.transformer) == []
+    assert torch.equal(call(on.pipe), baseline.images)
 
 
 def test_run_peers_rows_are_measured_and_json(pipe, call, baseline):
