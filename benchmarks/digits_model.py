@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from cachekit.zoo import DIGITS_DEFAULTS, load_clip, load_pipeline
-from cachekit.zoo.digits_data import TEMPLATES, caption_for, digit_prompts, downsample_for_classifier, load_split
+from cachekit.zoo import digits_classifier
+from cachekit.zoo.digits_data import TEMPLATES, caption_for, digit_prompts, load_split
 
 
 def generate(pipe, prompts, seeds, batch_size=40, **overrides):
@@ -44,13 +45,8 @@ def generate(pipe, prompts, seeds, batch_size=40, **overrides):
 
 def heldout_classifier():
     """RBF SVM on the held-out split only; its accuracy on the (unseen) train split is reported as a sanity check."""
-    from sklearn.svm import SVC
-
-    held, held_y = load_split("heldout")
-    clf = SVC(C=10.0, gamma="scale").fit(downsample_for_classifier(held).numpy(), held_y.numpy())
-    train, train_y = load_split("train")
-    acc = float((clf.predict(downsample_for_classifier(train).numpy()) == train_y.numpy()).mean())
-    return clf, acc
+    clf = digits_classifier.heldout_classifier()
+    return clf, digits_classifier.classifier_accuracy(clf)
 
 
 def recognition(pipe, clf, num=200, **overrides):
@@ -58,7 +54,7 @@ def recognition(pipe, clf, num=200, **overrides):
     prompts = [p for p, _ in pairs]
     labels = np.array([l for _, l in pairs])
     images = generate(pipe, prompts, seeds=list(range(num)), **overrides)
-    pred = clf.predict(downsample_for_classifier(images).numpy())
+    pred = digits_classifier.recognise(images, clf)
     per_digit = {d: float((pred[labels == d] == d).mean()) for d in range(10)}
     return float((pred == labels).mean()), per_digit, images
 

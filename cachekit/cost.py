@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .errors import UsageError
 from .registry import resolve_layout
 from .schedule import Schedule
 
@@ -91,12 +92,12 @@ class MacProfile:
     def step_savings(self, schedule: Schedule) -> torch.Tensor:
         """MACs skipped at each step (per transformer call) under the schedule."""
         if schedule.model_class != self.model_class:
-            raise ValueError(f"profile is for {self.model_class}, schedule for {schedule.model_class}")
+            raise UsageError(f"profile is for {self.model_class}, schedule for {schedule.model_class}")
         skipped = (~schedule.effective).double()
         if schedule.mode == "block":
             return (skipped[:, :, 0] * self.per_block).sum(1)
         if schedule.components != self.components:
-            raise ValueError("profile and schedule list different components")
+            raise UsageError("profile and schedule list different components")
         return (skipped * self.per_component).sum((1, 2))
 
     def predict(self, schedule: Schedule) -> float:

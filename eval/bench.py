@@ -3,14 +3,16 @@
 One table answers "which cache should I use on this model": the uncached model; cachekit's policies, each swept over
 its main knob (static FORA, Delta-DiT, TGATE; runtime TeaCache, MagCache, first-block, calibrated on the model first;
 and, for reference, uniform step-skipping: the uncached model at 1/2 and 1/3 of the steps);
-any extra schedules (searched ones); and the peers users already have (diffusers' caches, cache-dit), each on its own
-fresh transformer copy. Everything is one `evaluate` run: the same prompts and seeds, the same metrics, latency
+any extra schedules (searched ones); and the peers users already have (diffusers' caches, cache-dit), all taking
+turns on one transformer copy. Everything is one `evaluate` run: the same prompts and seeds, the same metrics, latency
 timed interleaved with the uncached model, so every speedup is measured against the same baseline at the same time.
 
 A peer enters the comparison only if it measurably skipped work on this model (`PeerRow.counts`); the others keep
-their row with the status and the reason, and no peer can make the bench fail. The bench keeps one transformer copy
-alive per counted peer row while it runs (they are timed interleaved), which is fine for the bundled model and for
-models that fit in memory several times; select fewer peers or knob values (`peers=`, `peer_knobs=`) otherwise.
+their row with the status and the reason, and no peer can make the bench fail. However many peer rows there are, one
+transformer copy is alive (`PeerCopy`): each peer is applied to it around each of its own calls (generation, timed
+calls, MAC count; outside the timed region, as a deployment applies a cache once) and removed afterwards, which
+restores the uncached model exactly. What a peer must measure first (MagCache's calibration) is measured once.
+The report records the process's peak memory (`memory`).
 
     from cachekit.eval.bench import run_bench
     report = run_bench(pipe, digits_prompts(40), 20, "fid,kid,clip,psnr,ssim", "bench-out",
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -35,13 +38,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .peers import PEERS, Peer, PeerHandle, PeerRow, PipelineCall, fresh_pipeline, get_peer, run_peers
+from cachekit.errors import UsageError
+from cachekit.io import save_figure, write_text
+from cachekit.keyvalue import parse_value
+
+from .peers import PEERS, Peer, PeerCopy, PeerRow, PipelineCall, get_peer, run_peers
 from .prompts import PromptSet
-from .report import _LOWER_IS_BETTER, _fmt, write_json
+from .report import _fmt, write_json
 from .runner import UNCACHED, Variant, evaluate
+from .suite import LOWER_IS_BETTER
 
 __all__ = ["POLICY_SWEEPS", "PolicySweep", "get_sweep", "parse_selection", "run_bench", "render_bench_markdown",
-           "save_bench_plot"]
+           "save_bench_plot", "peak_memory"]
 
 BENCH_FORMAT = "cachekit.bench"
 
@@ -94,9 +102,20 @@ POLICY_SWEEPS: tuple[PolicySweep, ...] = (
     PolicySweep("first-block", "threshold", "first-block cache: skip while the first block's residual holds "
                 "(thresholds: the calibrated quartiles of its change)", _first_block_thresholds, runtime=True),
     PolicySweep("steps", "num_inference_steps", "uniform step-skipping, for reference: the uncached model run with "
-                "fewer denoising steps (1/2 and 1/3 of them), the baseline every cache has to beat",
-                lambda b, s, c: tuple(dict.fromkeys(max(1, s // k) for k in (2, 3)))),
+                "fewer denoising steps (1/2 and 1/3 of them, at least 2), the baseline every cache has to beat",
+                lambda b, s, c: _fewer_steps(s)),
 )
+
+MIN_STEPS = 2
+"""The fewest denoising steps the step-skipping baseline runs: multistep solvers (PixArt's DPM-Solver) cannot run one."""
+
+
+def _fewer_steps(num_steps: int) -> tuple[int, ...]:
+    """1/2 and 1/3 of the run's steps, each at least `MIN_STEPS` and below `num_steps` (distinct, in that order)."""
+    values = tuple(dict.fromkeys(v for v in (num_steps // 2, num_steps // 3) if MIN_STEPS <= v < num_steps))
+    if not values:
+        raise ValueError(f"step-skipping needs at least {MIN_STEPS} steps below the run's {num_steps}")
+    return values
 
 
 def get_sweep(family: str) -> PolicySweep:
@@ -104,32 +123,32 @@ def get_sweep(family: str) -> PolicySweep:
     for sweep in POLICY_SWEEPS:
         if sweep.family == family:
             return sweep
-    raise ValueError(f"unknown policy {family!r}; known: {', '.join(s.family for s in POLICY_SWEEPS)}")
+    raise UsageError(f"unknown policy {family!r}; known: {', '.join(s.family for s in POLICY_SWEEPS)}")
 
 
 def parse_selection(items: Sequence[str], known: Sequence[str], what: str) -> tuple[list[str], dict[str, tuple]]:
     """`["fora=2,3", "teacache"]` -> (["fora", "teacache"], {"fora": (2, 3)}): names, and knob values where given.
 
-    Values are JSON numbers; a name that is not in `known` is an error listing the known ones.
+    The grammar is NAME[=V,V,...], a list of values for one knob, not KEY=VALUE settings; each value is read by
+    `cachekit.keyvalue.parse_value` and must be a finite number. A name that is not in `known` is a `UsageError`
+    listing the known ones.
     """
-    import json
-
     names: list[str] = []
     knobs: dict[str, tuple] = {}
     for item in items:
         name, sep, rest = item.partition("=")
         name = name.strip()
         if name not in known:
-            raise ValueError(f"unknown {what} {name!r}; known: {', '.join(known)}")
+            raise UsageError(f"unknown {what} {name!r}; known: {', '.join(known)}")
         if name not in names:
             names.append(name)
         if sep:
             try:
-                values = tuple(json.loads(v) for v in rest.split(",") if v.strip())
-            except json.JSONDecodeError:
+                values = tuple(parse_value(v) for v in rest.split(",") if v.strip())
+            except UsageError:
                 values = ()
             if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise ValueError(f"{what} {item!r}: give numbers after '=', e.g. {name}=1,2")
+                raise UsageError(f"{what} {item!r}: give numbers after '=', e.g. {name}=1,2")
             knobs[name] = values
     return names, knobs
 
@@ -161,8 +180,8 @@ def _policy_plans(sweeps: Sequence[PolicySweep], knobs: Mapping[str, Sequence], 
             family: list[tuple[dict, Any]] = []
             for value in values:
                 if sweep.family == "steps":
-                    if not 1 <= int(value) < steps:
-                        raise ValueError(f"fewer steps means 1 to {steps - 1}, not {value}")
+                    if not MIN_STEPS <= int(value) < steps:
+                        raise ValueError(f"fewer steps means {MIN_STEPS} to {steps - 1}, not {value}")
                     plan = Variant(pipe, None, {"kind": "steps"}, num_steps=int(value))
                 elif sweep.runtime:
                     plan = runtime_policy(sweep.family, calibration, **{sweep.knob: value})
@@ -174,7 +193,7 @@ def _policy_plans(sweeps: Sequence[PolicySweep], knobs: Mapping[str, Sequence], 
             plans += family
         except (ValueError, TypeError) as e:  # e.g. TGATE on joint attention, a model missing from the registry
             if sweep.family in knobs:  # values the user asked for explicitly: a clear error, not a quiet row
-                raise ValueError(f"{sweep.family} at {sweep.knob}={list(knobs[sweep.family])}: {e}") from e
+                raise UsageError(f"{sweep.family} at {sweep.knob}={list(knobs[sweep.family])}: {e}") from e
             skipped.append(_row(sweep.family, "policy", sweep.knob, None, "cannot-act", f"{type(e).__name__}: {e}"))
     return plans, skipped, calibrations
 
@@ -183,9 +202,9 @@ def _policy_plans(sweeps: Sequence[PolicySweep], knobs: Mapping[str, Sequence], 
 @contextlib.contextmanager
 def _quiet_cache_dit(peers: Sequence[Peer]) -> Iterator[None]:
     """cache-dit logs ~8 lines per `enable_cache` (INFO, plus warnings that the forward-pattern check is skipped,
-    which `peers` does on purpose, and that it disabled itself on removal); the bench applies it twice per knob
-    value, which would bury the progress bars. Its loggers (created when it is imported, hence the `available()`
-    calls) are set to ERROR for the bench and restored afterwards."""
+    which `peers` does on purpose, and that it disabled itself on removal); the bench applies it around every call
+    of every peer row, which would bury the progress bars. Its loggers (created when it is imported, hence the
+    `available()` calls) are set to ERROR for the bench and restored afterwards."""
     for peer in peers:
         if any(r.startswith("cache_dit") for r in peer.requires):
             peer.available()
@@ -202,25 +221,18 @@ def _quiet_cache_dit(peers: Sequence[Peer]) -> Iterator[None]:
 
 
 def _peer_variants(pipe: Any, peers: Sequence[Peer], knobs: Mapping[str, Sequence], probe: PipelineCall,
-                   handles: list[PeerHandle], progress: bool) -> tuple[list[PeerRow], dict[str, Variant]]:
-    """Measure every peer row on the probe call (`run_peers`), then re-apply each one that acted on its own fresh
-    pipeline copy, kept for the evaluation. Re-applying is deterministic: the evaluated peer is the measured one."""
-    rows = run_peers(pipe, probe, peers, knobs=knobs, progress=progress)
+                   progress: bool) -> tuple[list[PeerRow], dict[str, Variant], PeerCopy]:
+    """Measure every peer row on the probe call (`run_peers`), all on one `PeerCopy`; each row that acted becomes a
+    `Variant` on that same copy whose `setup` applies the peer around each of its calls and removes it afterwards.
+    The copy keeps what each peer prepared (MagCache's calibration), so the evaluated peer is the measured one."""
+    on = PeerCopy(pipe, probe)  # the copy itself is made when a peer first runs
+    rows = run_peers(pipe, probe, peers, knobs=knobs, progress=progress, on=on)
     by_name = {peer.name: peer for peer in peers}
-    variants: dict[str, Variant] = {}
-    for row in rows:
-        if not row.counts:
-            continue
-        copy = fresh_pipeline(pipe)
-        try:
-            handle = by_name[row.peer].apply(copy, row.value, probe)
-        except Exception as e:  # a peer must never fail the bench
-            row.status, row.reason = "error", f"re-applying for the evaluation failed: {type(e).__name__}: {e}"
-            continue
-        handles.append(handle)
-        variants[_peer_name(row)] = Variant(copy, info={"kind": "peer", "peer": row.peer, "knob": row.knob,
-                                                        "value": row.value, "config": row.config})
-    return rows, variants
+    variants = {_peer_name(row): Variant(on.pipe, info={"kind": "peer", "peer": row.peer, "knob": row.knob,
+                                                        "value": row.value, "config": row.config},
+                                         setup=functools.partial(on.applied, by_name[row.peer], row.value))
+                for row in rows if row.counts}
+    return rows, variants, on
 
 
 def _peer_name(row: PeerRow) -> str:
@@ -292,7 +304,7 @@ def run_bench(
                                ("peer", peer_knobs, [p.name for p in peer_list])):
         unknown = sorted(set(knobs or {}) - set(known))
         if unknown:
-            raise ValueError(f"knob values given for {what} {unknown}, which is not selected ({', '.join(known)})")
+            raise UsageError(f"knob values given for {what} {unknown}, which is not selected ({', '.join(known)})")
     extras = dict(schedules or {})
     if UNCACHED in extras:
         raise ValueError(f"'{UNCACHED}' is reserved for the uncached model; rename that schedule")
@@ -319,21 +331,17 @@ def run_bench(
         configs[name] = plan
         rows.append(_row(name, "schedule", None, None, "ok", name=name))
 
-    handles: list[PeerHandle] = []
     with _quiet_cache_dit(peer_list):
-        try:
-            peer_rows, variants = _peer_variants(pipe, peer_list, peer_knobs or {}, probe, handles, progress) \
-                if peer_list else ([], {})
-            configs.update(variants)
-            evaluation = evaluate(
-                pipe, configs, prompt_set, num_steps, metrics, out / "eval" if out is not None else None,
-                batch_size=batch_size, base_seed=base_seed, pipe_kwargs=kwargs, model_name=model_name,
-                default_reference=default_reference, latency=latency, warmup=warmup, repeats=repeats,
-                latency_batch_size=latency_batch_size, macs=macs, grid_samples=grid_samples,
-                save_images=save_images, dist=dist)
-        finally:
-            for handle in handles:
-                handle.remove()
+        peer_rows, variants, on = _peer_variants(pipe, peer_list, peer_knobs or {}, probe, progress) \
+            if peer_list else ([], {}, None)
+        configs.update(variants)
+        evaluation = evaluate(
+            pipe, configs, prompt_set, num_steps, metrics, out / "eval" if out is not None else None,
+            batch_size=batch_size, base_seed=base_seed, pipe_kwargs=kwargs, model_name=model_name,
+            default_reference=default_reference, latency=latency, warmup=warmup, repeats=repeats,
+            latency_batch_size=latency_batch_size, macs=macs, grid_samples=grid_samples,
+            save_images=save_images, dist=dist)
+    del configs, variants, on  # the peers' transformer copy goes now, not with the report
     for peer_row in peer_rows:
         row = _row(peer_row.peer, "peer", peer_row.knob, peer_row.value, peer_row.status, peer_row.reason,
                    name=_peer_name(peer_row))
@@ -366,6 +374,7 @@ def run_bench(
         "peers": {p.name: {"knob": p.knob, "summary": p.summary, "family": p.family} for p in peer_list},
         "calibration": calibrations,
         "rows": rows,
+        "memory": peak_memory(getattr(dist, "device", None)),
         "eval": evaluation,
     }
     is_main = dist is None or getattr(dist, "is_main", True)
@@ -374,11 +383,38 @@ def run_bench(
     return report
 
 
+def peak_memory(device: Any = None) -> dict[str, Any]:
+    """The process's peak memory so far: resident set (`getrusage(RUSAGE_SELF).ru_maxrss`, in KiB) and, on a CUDA
+    `device`, the most memory torch's allocator held for tensors (`torch.cuda.max_memory_allocated`, bytes; None
+    elsewhere). Both cover the whole process up to now, not only the bench."""
+    import resource
+    import sys
+
+    import torch
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kib = maxrss // 1024 if sys.platform == "darwin" else maxrss  # macOS reports bytes, Linux KiB
+    cuda = None
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_initialized():
+        cuda = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return {"peak_rss_kib": int(kib), "cuda_max_allocated_bytes": cuda,
+            "measured": "whole process up to the end of the bench (ru_maxrss; torch.cuda.max_memory_allocated)"}
+
+
+def _memory_text(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return "not recorded"
+    text = f"{memory['peak_rss_kib'] / 1024:.0f} MiB peak resident (whole process, ru_maxrss)"
+    if memory.get("cuda_max_allocated_bytes") is not None:
+        text += f"; CUDA {memory['cuda_max_allocated_bytes'] / 2 ** 20:.0f} MiB max allocated"
+    return text
+
+
 def _known_peer(name: str) -> Peer:
     try:
         return get_peer(name)
     except KeyError as e:
-        raise ValueError(e.args[0]) from None
+        raise UsageError(e.args[0]) from None
 
 
 # -------------------------------------------------------------------------------------------------------- reports
@@ -394,7 +430,7 @@ def write_bench(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str,
         if report["eval"].get("grid"):
             report["grid"] = "eval/" + report["eval"]["grid"]
     write_json(report, paths["json"])
-    paths["markdown"].write_text(render_bench_markdown(report), encoding="utf-8")
+    write_text(paths["markdown"], render_bench_markdown(report))
     return paths
 
 
@@ -427,7 +463,7 @@ def render_bench_markdown(report: dict[str, Any]) -> str:
     """The side-by-side table first (status and reason for every row), then how the numbers were made."""
     rows = report["rows"]
     metric_names = _metric_names(rows)
-    arrows = {m: (" ↓" if m in _LOWER_IS_BETTER else " ↑") for m in metric_names}
+    arrows = {m: (" ↓" if m in LOWER_IS_BETTER else " ↑") for m in metric_names}
     prompts = report["prompts"]
     protocol = report.get("latency_protocol")
     lines = [
@@ -439,6 +475,7 @@ def render_bench_markdown(report: dict[str, Any]) -> str:
                          "(the plot uses 1 / MAC ratio)"),
         f"- probe call ({len(report['probe']['prompts'])} prompts, the evaluation's first seeds): "
         f"{report['probe']['used_for']}",
+        f"- memory: {_memory_text(report.get('memory'))}",
         "",
         "| method | setting | status | speedup | MAC ratio | " + " | ".join(m + arrows[m] for m in metric_names)
         + " | measured skipped work (peers) | note |",
@@ -519,7 +556,7 @@ def save_bench_plot(report: dict[str, Any], path: str | os.PathLike) -> bool:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, color=colors[method], markersize=4,
                     linewidth=1.2, label=method)
         ax.set_xlabel("speedup vs uncached (×)" if x_axis == "speedup" else "compute speedup (1 / MAC ratio)")
-        ax.set_ylabel(metric + (" (lower is better)" if metric in _LOWER_IS_BETTER else " (higher is better)"))
+        ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else " (higher is better)"))
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(alpha=0.3)
     handles, labels = [], []
@@ -532,6 +569,8 @@ def save_bench_plot(report: dict[str, Any], path: str | os.PathLike) -> bool:
     fig.suptitle(f"cachekit bench — {report.get('model')}, {report.get('num_steps')} steps", fontsize=9)
     legend_inches = 0.2 + 0.2 * -(-len(labels) // 6)  # room under the panels for the shared legend
     fig.tight_layout(rect=(0, min(0.5, legend_inches / fig.get_figheight()), 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return True

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from cachekit.errors import UsageError
+
 from .weights import MissingWeightsError, sha256_of
 
 __all__ = ["ClipBundle", "load_clip_model", "CLIP_CACHE_DIR"]
@@ -66,13 +68,13 @@ def load_clip_model(name: str = "digits", weights: str | os.PathLike | None = No
     """
     if name == "digits":
         if weights is not None:
-            raise ValueError("the digits CLIP is bundled with cachekit; do not pass weights for it")
+            raise UsageError("the digits CLIP is bundled with cachekit; do not pass weights for it")
         return _load_digits(device)
 
     import open_clip
 
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {name!r}; e.g. ViT-B-32, ViT-L-14 (open_clip.list_models())")
+        raise UsageError(f"unknown open_clip architecture {name!r}; e.g. ViT-B-32, ViT-L-14 (open_clip.list_models())")
     url = open_clip.get_pretrained_url(name.removesuffix("-quickgelu"), "openai") or ""
     if weights is None:
         candidate = CLIP_CACHE_DIR / os.path.basename(url) if url else None

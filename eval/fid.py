@@ -22,6 +22,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
+from cachekit.errors import UsageError
+
 from .features import FeatureExtractor, InceptionFeatures
 
 __all__ = ["ReferenceStats", "FID", "KID", "frechet_distance", "sqrt_factor"]
@@ -89,7 +91,7 @@ class ReferenceStats:
     ) -> "ReferenceStats":
         """Statistics of `[N, D]` features (unbiased covariance, as torchmetrics and pytorch-fid use)."""
         if features.ndim != 2 or features.shape[0] < 2:
-            raise ValueError(f"need at least 2 reference feature vectors [N, D], got {tuple(features.shape)}")
+            raise UsageError(f"need at least 2 reference feature vectors [N, D], got {tuple(features.shape)}")
         f = features.double()
         return cls(f.mean(0), torch.cov(f.T), int(f.shape[0]), source, features.float().cpu(), extractor)
 
@@ -104,14 +106,14 @@ class ReferenceStats:
             )
         with np.load(p, allow_pickle=False) as z:
             if "mu" not in z or "sigma" not in z:
-                raise ValueError(f"{p} has keys {sorted(z.keys())}; FID statistics need 'mu' and 'sigma'")
+                raise UsageError(f"{p} has keys {sorted(z.keys())}; FID statistics need 'mu' and 'sigma'")
             mu, sigma = torch.from_numpy(z["mu"]).double(), torch.from_numpy(z["sigma"]).double()
             num = int(z["num_images"]) if "num_images" in z else None
             extractor = {"sha256": str(z["extractor_sha256"]), "resize_mode": str(z["resize_mode"])} if (
                 "extractor_sha256" in z and "resize_mode" in z
             ) else None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{p}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} are not [D] and [D, D]")
+            raise UsageError(f"{p}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} are not [D] and [D, D]")
         return cls(mu, sigma, num, f"npz:{p}", None, extractor)
 
     def save_npz(self, path: str | os.PathLike) -> None:
@@ -147,7 +149,7 @@ def _default_extractor(feature: FeatureExtractor | None) -> FeatureExtractor:
 def _check_ref(ref: ReferenceStats, extractor: nn.Module) -> None:
     dim = getattr(extractor, "num_features", None)
     if dim is not None and ref.dim != int(dim):
-        raise ValueError(
+        raise UsageError(
             f"reference statistics have {ref.dim}-d features but the extractor gives {dim}-d: they were computed "
             "with a different network"
         )
@@ -173,9 +175,29 @@ class FID(FrechetInceptionDistance):
             self.set_reference(reference)
 
     def set_reference(self, reference: ReferenceStats) -> None:
-        """Use fixed reference statistics instead of the accumulated real features."""
+        """Use fixed reference statistics instead of the accumulated real features.
+
+        The real side's states are then unused, and torchmetrics also keeps a zero copy of every state to reset
+        from: at 2048 Inception features that is four 32 MiB float64 matrices per FID, one FID per configuration of
+        an evaluation (a bench compares dozens). So the real states shrink to scalars and the reset copies to
+        stride-0 views of one zero: 32 MiB per FID (the generated side's covariance sum) instead of 128 MiB.
+        """
         _check_ref(reference, self.inception)
         self._reference = reference
+        for name in ("real_features_sum", "real_features_cov_sum"):
+            empty = getattr(self, name).new_zeros(())
+            setattr(self, name, empty)
+            self._defaults[name] = empty.clone()
+        for name, default in self._defaults.items():
+            if isinstance(default, torch.Tensor) and default.numel() > 1 and not bool(default.any()):
+                self._defaults[name] = default.new_zeros(()).expand(default.shape)  # reset() clones it to full size
+
+    def update(self, imgs: torch.Tensor, real: bool) -> None:  # type: ignore[override]
+        """Accumulate generated images (`real=False`), or real ones when there is no fixed reference."""
+        if real and self._reference is not None:
+            raise UsageError(f"this FID compares against a fixed reference ({self._reference.source}); it takes "
+                             "generated images only")
+        super().update(imgs, real)
 
     @property
     def reference(self) -> ReferenceStats | None:
@@ -242,7 +264,7 @@ class KID(KernelInceptionDistance):
     def set_reference(self, reference: ReferenceStats) -> None:
         """Use a fixed set of reference features instead of the accumulated real features."""
         if reference.features is None:
-            raise ValueError(
+            raise UsageError(
                 f"KID needs reference features, but {reference.source} only has mean/covariance statistics; "
                 "use an image folder (or the digits held-out set) as the KID reference"
             )

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachekit.errors import UsageError
+
 __all__ = [
     "PromptSet",
     "PromptFileNotFoundError",
@@ -128,7 +130,7 @@ def load_coco_captions(path: str | os.PathLike | None = None, num: int | None = 
     with open(p, encoding="utf-8") as f:
         data = json.load(f)
     if "annotations" not in data:
-        raise ValueError(f"{p} is not a COCO captions file (no 'annotations' key)")
+        raise UsageError(f"{p} is not a COCO captions file (no 'annotations' key)")
     by_image: dict[int, list[dict]] = {}
     for a in data["annotations"]:
         by_image.setdefault(int(a["image_id"]), []).append(a)
@@ -165,7 +167,7 @@ def load_mjhq(
     if categories:
         unknown = sorted(set(categories) - set(known))
         if unknown:
-            raise ValueError(f"unknown MJHQ categories {unknown}; the file has {known}")
+            raise UsageError(f"unknown MJHQ categories {unknown}; the file has {known}")
         items = [(k, v) for k, v in items if v.get("category") in set(categories)]
     if per_category is not None:
         chosen = []
@@ -191,13 +193,13 @@ def load_parti_prompts(
     with open(p, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if not rows or "Prompt" not in rows[0]:
-        raise ValueError(f"{p} is not PartiPrompts.tsv (needs a 'Prompt' column)")
+        raise UsageError(f"{p} is not PartiPrompts.tsv (needs a 'Prompt' column)")
     for key, wanted in (("Category", categories), ("Challenge", challenges)):
         if wanted:
             present = {r.get(key, "") for r in rows}
             unknown = sorted(set(wanted) - present)
             if unknown:
-                raise ValueError(f"unknown PartiPrompts {key.lower()} {unknown}; the file has {sorted(present)}")
+                raise UsageError(f"unknown PartiPrompts {key.lower()} {unknown}; the file has {sorted(present)}")
             rows = [r for r in rows if r.get(key) in set(wanted)]
     rows = [rows[i] for i in _sample(len(rows), num, seed)]
     return PromptSet(
@@ -247,7 +249,7 @@ def load_jsonl_prompts(path: str | os.PathLike, num: int | None = None, seed: in
         obj = json.loads(line)
         key = next((k for k in ("prompt", "caption", "text") if k in obj), None)
         if key is None:
-            raise ValueError(f"{p}:{n}: no 'prompt', 'caption' or 'text' field")
+            raise UsageError(f"{p}:{n}: no 'prompt', 'caption' or 'text' field")
         prompts.append(str(obj[key]))
         meta.append({k: v for k, v in obj.items() if k != key})
     idx = _sample(len(prompts), num, seed)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cachekit.errors import UsageError
+
 from .distributed import Dist, global_batches
 from .features import FeatureExtractor
 from .fid import ReferenceStats
@@ -71,7 +73,7 @@ def build_reference(
     if spec.endswith(".npz"):
         stats = ReferenceStats.load_npz(spec)
         if stats.dim != extractor.num_features:
-            raise ValueError(
+            raise UsageError(
                 f"{spec} holds {stats.dim}-d statistics but the FID extractor gives {extractor.num_features}-d"
             )
         return stats

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +50,10 @@ class Variant:
     num_steps: int | None = None
     """Denoising steps of this configuration instead of the evaluation's (uniform step-skipping: the reference any
     cache must beat is simply running fewer steps)."""
+    setup: Callable[[], ContextManager[Any]] | None = None
+    """A context entered around each of this configuration's calls (generation, timed calls, MAC count), outside the
+    timed region. Why: the bench's peers take turns on one transformer copy, each applied only while it runs, so at
+    most one extra copy of the model is alive however many peers are compared."""
 
 
 def generate(
@@ -171,6 +176,7 @@ def evaluate(
         )
     pipe_kwargs = dict(pipe_kwargs or {})
     targets = {name: _target(pipe, plan, num_steps) for name, plan in plans.items()}  # -> (pipeline, plan, steps)
+    setups = {name: _setup(plan) for name, plan in plans.items()}  # -> context around each call, or None
     for target_pipe, _, _ in targets.values():
         if hasattr(target_pipe, "set_progress_bar_config"):
             target_pipe.set_progress_bar_config(disable=True)  # one progress bar for the whole evaluation instead
@@ -187,7 +193,8 @@ def evaluate(
         seeds = [base_seed + i for i in idx]
         baseline = None
         for name, (target_pipe, plan, steps) in targets.items():
-            images = generate(target_pipe, plan, batch_prompts, seeds, steps, pipe_kwargs)
+            with setups[name]() if setups[name] is not None else contextlib.nullcontext():
+                images = generate(target_pipe, plan, batch_prompts, seeds, steps, pipe_kwargs)
             if baseline is None:
                 baseline = images
             suites[name].update(images, batch_prompts, None if name == UNCACHED else baseline)
@@ -214,24 +221,22 @@ def evaluate(
     if dist.is_main and (latency or macs):
         lat_n = min(latency_batch_size or batch_size, n)
         lat_prompts, lat_seeds = prompt_set.prompts[:lat_n], [base_seed + i for i in range(lat_n)]
-        # one call per configuration, its cache applied around it by `setups` (outside the timer: a deployment
-        # applies a cache once); peers (variants on their own pipelines) were applied before, so all are timed alike
-        import cachekit
-
+        # one call per configuration, its cache (and a variant's setup, a peer applied) entered around it by
+        # `applied` outside the timer, as a deployment applies a cache once: all configurations are timed alike
         calls = {
             name: (lambda t=target, k=steps: generate(t, None, lat_prompts, lat_seeds, k, pipe_kwargs))
             for name, (target, plan, steps) in targets.items()
         }
-        setups = {name: (lambda t=target, p=plan: cachekit.cached(t, p))
-                  for name, (target, plan, steps) in targets.items() if plan is not None}
+        applied = {name: functools.partial(_applied, target, plan, setups[name])
+                   for name, (target, plan, steps) in targets.items() if plan is not None or setups[name] is not None}
         if latency:
             stats = measure_interleaved(calls, batch_size=lat_n, num_steps=num_steps, warmup=warmup,
-                                        repeats=repeats, device=dist.device, setups=setups)
+                                        repeats=repeats, device=dist.device, setups=applied)
             timing["latency"] = {k: v.to_dict() for k, v in stats.items()}
         if macs:
             timing["macs"] = {}
             for name, fn in calls.items():
-                with setups.get(name, contextlib.nullcontext)():
+                with applied[name]() if name in applied else contextlib.nullcontext():
                     timing["macs"][name] = count_call_macs(fn)
         timing["protocol"] = {"warmup": warmup, "repeats": repeats, "batch_size": lat_n,
                               "timer": "cuda-events" if dist.device.type == "cuda" else "perf_counter",
@@ -253,6 +258,20 @@ def evaluate(
         write_report(report, out, grid_columns, prompt_set.prompts[:grid_samples])
     dist.barrier()
     return report
+
+
+def _setup(plan: Any) -> Callable[[], ContextManager[Any]] | None:
+    return plan.setup if isinstance(plan, Variant) else None
+
+
+@contextlib.contextmanager
+def _applied(target: Any, plan: Any, setup: Callable[[], ContextManager[Any]] | None) -> Iterator[None]:
+    """A configuration made ready for a call: its variant's setup entered, then its plan enabled on `target`."""
+    import cachekit
+
+    with setup() if setup is not None else contextlib.nullcontext():
+        with cachekit.cached(target, plan) if plan is not None else contextlib.nullcontext():
+            yield
 
 
 def _target(pipe: Any, plan: Any, num_steps: int) -> tuple[Any, Any, int]:

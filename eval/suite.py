@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from cachekit.errors import UsageError
+
 from .distributed import Dist
 
 __all__ = ["METRICS", "MetricConfig", "MetricSuite", "MetricFactory", "parse_metric_names"]
@@ -35,7 +37,7 @@ def parse_metric_names(spec: str | list[str]) -> list[str]:
     names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     bad = [n for n in names if n not in METRICS]
     if bad:
-        raise ValueError(f"unknown metric(s) {bad}; known: {', '.join(METRICS)}")
+        raise UsageError(f"unknown metric(s) {bad}; known: {', '.join(METRICS)}")
     return list(dict.fromkeys(names))
 
 
@@ -126,12 +128,12 @@ class MetricFactory:
             self._extractor = self._build_extractor().to(self.dist.device)
             ref = config.fid_reference or default_reference
             if ref is None:
-                raise ValueError(
+                raise UsageError(
                     "fid/kid need a reference set: pass fid_reference / --fid-ref (image folder or mu/sigma .npz); "
                     "only the digits prompt set has a default (digits-heldout)"
                 )
             if "kid" in names and ref.endswith(".npz"):
-                raise ValueError("kid needs reference images (a folder or digits-heldout), not a .npz of statistics")
+                raise UsageError("kid needs reference images (a folder or digits-heldout), not a .npz of statistics")
             from .reference import build_reference
 
             self.reference = build_reference(

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cachekit.errors import UsageError
 from cachekit.schedule import Schedule
 
 from .calibrate import METRICS, Calibration
@@ -75,7 +76,7 @@ FEED_FORWARD = frozenset({"ff", "ffn", "ff_context", "proj_mlp"})
 PRESETS = ("default", "bac", "cachequant")
 
 
-class InfeasibleError(ValueError):
+class InfeasibleError(UsageError):
     """No schedule satisfies the constraints (stretch limits, forced steps, update counts, budget)."""
 
 
@@ -143,7 +144,7 @@ def solve_units(
     units, steps, _ = err.shape
     forced_steps = tuple(sorted({0} | {f % steps for f in forced}))
     if min_stretch < 1 or (max_stretch is not None and max_stretch < 1):
-        raise ValueError(f"stretch limits must be >= 1, got [{min_stretch}, {max_stretch}]")
+        raise UsageError(f"stretch limits must be >= 1, got [{min_stretch}, {max_stretch}]")
     penalty = np.broadcast_to(np.asarray(penalty, dtype=np.float64), (units,))
     valid = valid_stretches(steps, min_stretch, max_stretch, forced_steps)
     if costs is None:
@@ -299,29 +300,31 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown solver mode {self.preset!r}; expected one of {list(PRESETS)}")
+            raise UsageError(f"unknown solver mode {self.preset!r}; expected one of {list(PRESETS)}")
         if self.metric not in METRICS:
-            raise ValueError(f"unknown error metric {self.metric!r}; expected one of {list(METRICS)}")
+            raise UsageError(f"unknown error metric {self.metric!r}; expected one of {list(METRICS)}")
         if self.cost not in ("macs", "latency"):
-            raise ValueError(f"unknown cost {self.cost!r}; expected 'macs' or 'latency'")
+            raise UsageError(f"unknown cost {self.cost!r}; expected 'macs' or 'latency'")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget is a fraction of the uncached cost in (0, 1], got {self.budget}")
+            raise UsageError(f"budget is a fraction of the uncached cost in (0, 1], got {self.budget}")
         if self.min_stretch < 1:
-            raise ValueError(f"min_stretch must be >= 1, got {self.min_stretch}")
+            raise UsageError(f"min_stretch must be >= 1, got {self.min_stretch}")
         if self.max_stretch is not None and self.max_stretch < self.min_stretch:
-            raise ValueError(f"max_stretch ({self.max_stretch}) is below min_stretch ({self.min_stretch})")
+            raise UsageError(f"max_stretch ({self.max_stretch}) is below min_stretch ({self.min_stretch})")
         for name in ("updates", "max_updates", "bubble_top_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.interval is not None and self.interval < 1:
-            raise ValueError(f"interval must be >= 1, got {self.interval}")
+                raise UsageError(f"{name} must be >= 1, got {value}")
+        if self.interval is not None and not (math.isfinite(self.interval) and self.interval >= 1):
+            raise UsageError(f"interval must be a finite number >= 1, got {self.interval}")
+        if self.bubble_threshold is not None and not math.isfinite(self.bubble_threshold):
+            raise UsageError(f"bubble_threshold must be a finite number, got {self.bubble_threshold}")
         if self.updates is not None and self.interval is not None:
-            raise ValueError("give either updates or interval, not both")
+            raise UsageError("give either updates or interval, not both")
         if self.budget is not None and (self.updates is not None or self.interval is not None):
-            raise ValueError("give either a budget or a fixed number of updates (updates / interval), not both")
+            raise UsageError("give either a budget or a fixed number of updates (updates / interval), not both")
         if self.bubble_threshold is not None and self.bubble_top_k is not None:
-            raise ValueError("give either bubble_threshold or bubble_top_k, not both")
+            raise UsageError("give either bubble_threshold or bubble_top_k, not both")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "SolverConfig":
@@ -333,7 +336,7 @@ class SolverConfig:
                            "shared": True},
         }
         if name not in presets:
-            raise ValueError(f"unknown solver mode {name!r}; expected one of {list(PRESETS)}")
+            raise UsageError(f"unknown solver mode {name!r}; expected one of {list(PRESETS)}")
         return cls(preset=name, **{**presets[name], **overrides})
 
 
@@ -490,6 +493,27 @@ def _solve_count_for_budget(problem: _Problem, budget: float) -> tuple[np.ndarra
     )
 
 
+def _check_fits(calibration: Calibration, config: SolverConfig) -> None:
+    """Refuse settings the calibration cannot serve, and calibrations whose cost tables cannot be right."""
+    steps = calibration.num_steps
+    if config.updates is not None and config.updates > steps:
+        raise UsageError(f"updates={config.updates} is more than the calibration's {steps} steps")
+    outside = [f for f in config.forced if not -steps <= f < steps]
+    if outside:
+        raise UsageError(f"forced step(s) {outside} outside the calibration's {steps} steps (0..{steps - 1}, or "
+                         f"-{steps}..-1 counting from the end)")
+    latency = calibration.latency.double()
+    if not bool(torch.isfinite(latency).all()) or bool((latency < 0).any()) or not (
+            math.isfinite(calibration.latency_remainder) and calibration.latency_remainder >= 0):
+        raise UsageError("the calibration's latency table has NaN, infinite or negative entries; recalibrate "
+                         "(`cachekit calibrate`)")
+    for name in ("per_component", "per_block"):
+        macs = torch.as_tensor(calibration.macs[name]).double()
+        if not bool(torch.isfinite(macs).all()) or bool((macs < 0).any()):
+            raise UsageError(f"the calibration's MAC table ({name}) has NaN, infinite or negative entries; recalibrate "
+                             "(`cachekit calibrate`)")
+
+
 def solve(calibration: Calibration, config: SolverConfig | None = None, **overrides: Any) -> Solution:
     """Solve a schedule from a calibration: the recompute mask of least predicted error under the config's limits.
 
@@ -500,6 +524,7 @@ def solve(calibration: Calibration, config: SolverConfig | None = None, **overri
     """
     start = time.perf_counter()
     config = replace(config or SolverConfig(), **overrides)
+    _check_fits(calibration, config)
     problem = _Problem(calibration, config)
     steps = problem.steps
     lagrange: float | None = None
@@ -510,7 +535,7 @@ def solve(calibration: Calibration, config: SolverConfig | None = None, **overri
             interval = steps / count
         masks = _solve_fixed(problem, count, interval)
     elif config.budget is None:
-        raise ValueError("the solver needs a budget (a cost fraction) or a fixed number of updates")
+        raise UsageError("the solver needs a budget (a cost fraction) or a fixed number of updates")
     elif config.fixed_count:
         masks, interval = _solve_count_for_budget(problem, config.budget)
     else:
@@ -538,7 +563,7 @@ def _solution(problem: _Problem, masks: np.ndarray, lagrange: float | None, inte
     provenance = {
         "method": "solver",
         "solver": "dp",
-        "mode": config.preset,
+        "preset": config.preset,
         **settings,
         "lagrange": lagrange,
         "interval_used": interval,

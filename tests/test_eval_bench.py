@@ -1,7 +1,7 @@
 """`cachekit bench` end to end on the real embedded digits model, at a tiny size (2 prompts, 4 steps).
 
 One bench run carries every kind of row: the uncached model, a static and a runtime (calibrated) policy sweep, an
-extra schedule, peers that act (diffusers' PAB, cache-dit's DBCache, each on its own transformer copy), a peer that
+extra schedule, peers that act (diffusers' PAB, cache-dit's DBCache, taking turns on one transformer copy), a peer that
 runs but skips nothing, and a peer whose package is missing. The assertions are about what the numbers mean: the
 schedule that recomputes everything reproduces the uncached images at MAC ratio 1, the policies and the peers that
 acted compute less, the rows that cannot be compared are not, and say why.
@@ -17,7 +17,8 @@ import pytest
 
 import cachekit
 from cachekit.cli import main as cachekit_main
-from cachekit.eval.bench import run_bench
+from cachekit.errors import UsageError
+from cachekit.eval.bench import get_sweep, parse_selection, run_bench
 from cachekit.eval.peers import get_peer
 from cachekit.eval.prompts import digits_prompts
 from cachekit.eval.suite import MetricConfig
@@ -124,18 +125,42 @@ def test_files_for_machines_and_people(bench):
     assert "| method | setting | status | speedup | MAC ratio | fid ↓ | clip ↑ | psnr ↑ |" in md
     assert "| diffusers.fbcache | threshold=0 | no-skip |" in md and "cachekit_no_such_package is not installed" in md
     assert "block linear calls skipped" in md and "![quality vs speedup](bench.png)" in md
+    memory = on_disk["memory"]  # the process's peak, for the person sizing a machine for the bench
+    assert isinstance(memory["peak_rss_kib"], int) and memory["peak_rss_kib"] > 0
+    assert memory["cuda_max_allocated_bytes"] is None  # measured on CUDA only
+    assert f"- memory: {memory['peak_rss_kib'] / 1024:.0f} MiB peak resident" in md
+
+
+def test_the_step_skipping_baseline_runs_at_least_two_steps_below_the_run():
+    sweep = get_sweep("steps")
+    assert [sweep.values(28, s, None) for s in (20, 6, 5, 4)] == [(10, 6), (3, 2), (2,), (2,)]
+    with pytest.raises(ValueError, match="at least 2 steps below the run's 3"):
+        sweep.values(28, 3, None)
+
+
+def test_selections_parse_names_and_numbers():
+    assert parse_selection(["fora=2,3", "teacache", "fora"], ["fora", "teacache"], "policy") == \
+        (["fora", "teacache"], {"fora": (2, 3)})
+    for bad in ("fora=two", "fora=", "fora=nan", "fora=true"):
+        with pytest.raises(UsageError, match="give numbers after '='"):
+            parse_selection([bad], ["fora"], "policy")
+    with pytest.raises(UsageError, match="unknown peer 'x'; known: a, b"):
+        parse_selection(["x=1"], ["a", "b"], "peer")
 
 
 def test_bad_selections_fail_before_any_work(pipe):
-    with pytest.raises(ValueError, match="unknown policy 'fora3'"):
+    with pytest.raises(UsageError, match="unknown policy 'fora3'"):
         run_bench(pipe, ["a 3"], STEPS, "psnr", policies=["fora3"])
     with pytest.raises(ValueError, match="not selected"):
         run_bench(pipe, ["a 3"], STEPS, "psnr", policies=["fora"], policy_knobs={"tgate": (2,)}, peers=[])
     with pytest.raises(ValueError, match=r"tgate at gate_step=\[0\]: TGATE gate_step must be >= 1"):
         run_bench(pipe, ["a 3"], STEPS, "psnr", policies=["tgate"], policy_knobs={"tgate": (0,)}, peers=[],
                   progress=False)
-    with pytest.raises(ValueError, match="no peer 'teacache'"):
+    with pytest.raises(UsageError, match="no peer 'teacache'"):
         run_bench(pipe, ["a 3"], STEPS, "psnr", peers=["teacache"])
+    with pytest.raises(UsageError, match="fewer steps means 2 to 3, not 1"):
+        run_bench(pipe, ["a 3"], STEPS, "psnr", policies=["steps"], policy_knobs={"steps": (1,)}, peers=[],
+                  progress=False)
 
 
 def test_cli_help_error_and_a_tiny_run(tmp_path, capsys):
@@ -163,3 +188,17 @@ def test_cli_help_error_and_a_tiny_run(tmp_path, capsys):
     assert report["x_axis"] == "compute_speedup" and report["peers"] == {}
     assert all(r["macs_ratio"] < 1 for r in report["rows"][1:])
     assert (out / "bench.png").is_file() and (out / "bench.md").is_file()
+
+
+def test_cli_default_step_skipping_at_four_steps(tmp_path, capsys):
+    """`cachekit bench --steps 4` once died with an IndexError: its step-skipping baseline ran PixArt's DPM-Solver
+    at 1 step. It runs 2 (half of 4; a third of 4 would be 1)."""
+    out = tmp_path / "steps"
+    assert cachekit_main(["bench", "--policies", "steps", "--no-peers", "--num", "2", "--batch-size", "2",
+                          "--steps", str(STEPS), "--metrics", "psnr", "--no-latency", "--grid", "0",
+                          "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["uncached", "steps:num_inference_steps=2"]
+    fewer = report["rows"][1]
+    assert fewer["status"] == "ok" and 0.4 < fewer["macs_ratio"] < 0.7 and math.isfinite(fewer["metrics"]["psnr"])
+    assert report["memory"]["peak_rss_kib"] > 0

@@ -142,6 +142,28 @@ def test_fid_without_reference_uses_accumulated_real_images(sets):
     assert float(fid.compute()) > 0
 
 
+def test_a_fixed_reference_keeps_only_the_generated_side_in_memory(sets):
+    """With a fixed reference, the real states and torchmetrics' reset copies hold no full-size storage, and the
+    value is the same before and after a reset; real images are refused (they would be silently ignored)."""
+    pooled = _Pooled()
+    reference = ReferenceStats.from_features(pooled(sets["heldout"]), "heldout")
+    fid = FID(pooled, reference=reference)
+    full = fid.fake_features_cov_sum.untyped_storage().nbytes()
+    held = {name: getattr(fid, name).untyped_storage().nbytes() for name in fid._defaults}
+    held.update({f"default {name}": d.untyped_storage().nbytes() for name, d in fid._defaults.items()})
+    assert held.pop("fake_features_cov_sum") == full and full > 1000
+    assert sum(held.values()) < full / 10, held
+    fid.update(sets["train"], real=False)
+    before = float(fid.compute())
+    fid.reset()
+    assert fid.fake_features_cov_sum.shape == (pooled.num_features, pooled.num_features)
+    assert float(fid.fake_features_cov_sum.abs().sum()) == 0
+    fid.update(sets["train"], real=False)
+    assert float(fid.compute()) == before
+    with pytest.raises(ValueError, match="fixed reference"):
+        fid.update(sets["train"], real=True)
+
+
 def test_frechet_distance_matches_the_textbook_formula():
     """Against scipy's matrix square root (the pytorch-fid formula), full-rank and low-rank covariances."""
     from scipy import linalg

@@ -85,7 +85,7 @@ def test_caching_schedule_changes_images_and_computes_less(report):
 def _cli_args(out) -> list[str]:
     return ["--model", "digits", "--schedule", "none", "fora:interval=2", "--prompts", "digits", "--num", "4",
             "--batch-size", "2", "--steps", str(STEPS), "--metrics", "fid,kid,clip,psnr,ssim", "--fid-features",
-            "clip", "--kid-subsets", "10", "--no-latency", "--no-macs", "--grid", "2", "--cpu", "--out", str(out)]
+            "clip", "--kid-subsets", "10", "--no-latency", "--no-macs", "--grid", "2", "--device", "cpu", "--out", str(out)]
 
 
 def _launch(args: list[str], nproc: int) -> dict:

@@ -231,7 +231,7 @@ def test_cli_calibrate_on_a_pipeline_folder(tmp_path, capsys):
     td.save_pipeline(folder, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer)
     out = tmp_path / "calib.pt"
     settings = [f"--pipeline-arg={k}={json.dumps(v)}" for k, v in PIPE_SETTINGS.items() if k != "guidance_scale"]
-    args = _parser().parse_args(["calibrate", "--model", str(folder), "--steps", "3", "--prompts", "2",
+    args = _parser().parse_args(["calibrate", "--model", str(folder), "--steps", "3", "--num", "2",
                                  "--guidance-scale", "2.5", *settings, "--out", str(out)])
     assert args.handler(args) == 0
     calib = Calibration.load(out)
@@ -245,7 +245,7 @@ def test_cli_calibrate_errors(tmp_path, capsys):
                                  "--out", str(tmp_path / "c.pt")])
     with pytest.raises(ValueError, match="--pipeline-arg expects KEY=VALUE, got 'height'"):
         args.handler(args)
-    for bad in (["--prompts", "0"], ["--steps", "-3"], ["--mode", "layer"]):
+    for bad in (["--num", "0"], ["--steps", "-3"], ["--mode", "layer"]):
         with pytest.raises(SystemExit):
             _parser().parse_args(["calibrate", "--out", "c.pt", *bad])
     assert "must be a positive integer, got 0" in capsys.readouterr().err

@@ -138,7 +138,7 @@ def test_a_truncated_or_edited_checkpoint_is_a_clear_error(searched, model, tmp_
 
 def test_the_cli_prints_a_damaged_checkpoint_as_one_line(tmp_path, capsys):
     (tmp_path / CHECKPOINT).write_text('{"format": "cachekit.search-checkpoint", "version": 1, "gen')
-    args = ["search", "--steps", "3", "--prompts", "2", "--no-dp", "--population", "4", "--generations", "1"]
+    args = ["search", "--steps", "3", "--num", "2", "--no-dp", "--population", "4", "--generations", "1"]
     assert main([*args, "--out", str(tmp_path), "--resume"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("cachekit search: error:")]

@@ -151,7 +151,7 @@ def test_bac_computes_at_phase_starts_with_s_updates():
     solution = solve(calib, SolverConfig.from_preset("bac", updates=3))
     for b, c in itertools.product(range(2), range(3)):
         assert computes(solution, b, c) == [0, 4, 7]
-    assert solution.schedule.provenance["mode"] == "bac" and solution.schedule.provenance["metric"] == "cosine"
+    assert solution.schedule.provenance["preset"] == "bac" and solution.schedule.provenance["metric"] == "cosine"
     assert solution.predicted_error == pytest.approx(6 * 1e-3 * (1 + 2 + 3 + 1 + 2 + 1 + 2))
 
 
@@ -178,7 +178,7 @@ def test_cachequant_interval_gives_uniform_stretches_for_uniform_drift():
     solution = solve(calib, SolverConfig.from_preset("cachequant", interval=3))
     assert all(computes(solution, b, c) == [0, 3, 6, 9] for b in range(2) for c in range(3))
     provenance = solution.schedule.provenance
-    assert provenance["mode"] == "cachequant" and provenance["shared"] and provenance["interval_used"] == 3
+    assert provenance["preset"] == "cachequant" and provenance["shared"] and provenance["interval_used"] == 3
 
 
 def test_cachequant_stretch_limits_match_brute_force():
@@ -358,11 +358,11 @@ def test_cli_solve_writes_a_schedule(pixart, tmp_path, capsys):
     out = tmp_path / "schedule.json"
     for mode in ("default", "bac", "cachequant"):
         args = parser().parse_args(["solve", "--calibration", str(tmp_path / "calib.pt"), "--budget", "0.5",
-                                    "--mode", mode, "--out", str(out)])
+                                    "--preset", mode, "--out", str(out)])
         assert args.handler(args) == 0
         schedule = Schedule.load(out)
-        assert schedule.provenance["mode"] == mode and schedule.predicted_cost["mac_ratio"] <= 0.5
-        assert f"wrote {out}: {mode} mode, predicted MAC ratio" in capsys.readouterr().out
+        assert schedule.provenance["preset"] == mode and schedule.predicted_cost["mac_ratio"] <= 0.5
+        assert f"wrote {out}: {mode} preset, predicted MAC ratio" in capsys.readouterr().out
     args = parser().parse_args(["solve", "--calibration", str(tmp_path / "calib.pt"), "--updates", "3", "--force",
                                 "0", "5", "--bubble-top-k", "1", "--out", str(out)])
     args.handler(args)
@@ -370,17 +370,20 @@ def test_cli_solve_writes_a_schedule(pixart, tmp_path, capsys):
     assert schedule.provenance["forced"] == [0, 5] and schedule.recompute[5].all()
 
 
-def test_cli_solve_errors(tmp_path, capsys):
-    args = parser().parse_args(["solve", "--calibration", str(tmp_path / "nope.pt"), "--budget", "0.4", "--out",
-                                str(tmp_path / "s.json")])
-    with pytest.raises(FileNotFoundError, match="calibration file not found"):
-        args.handler(args)
-    args = parser().parse_args(["solve", "--calibration", "x.pt", "--out", "s.json", "--budget", "0.4",
-                                "--updates", "3"])
+def test_cli_solve_errors(pixart, tmp_path, capsys):
+    with pytest.raises(SystemExit):  # checked while parsing, before anything is read
+        parser().parse_args(["solve", "--calibration", str(tmp_path / "nope.pt"), "--budget", "0.4", "--out",
+                             str(tmp_path / "s.json")])
+    assert "calibration file not found" in capsys.readouterr().err
+    pixart[2].save(tmp_path / "calib.pt")
+    args = parser().parse_args(["solve", "--calibration", str(tmp_path / "calib.pt"), "--out", str(tmp_path / "s.json"),
+                                "--budget", "0.4", "--updates", "3"])
     with pytest.raises(ValueError, match="either a budget or a fixed number of updates"):
         args.handler(args)
+    assert not (tmp_path / "s.json").exists()
     with pytest.raises(SystemExit):
-        parser().parse_args(["solve", "--calibration", "x.pt", "--out", "s.json", "--budget", "1.5"])
+        parser().parse_args(["solve", "--calibration", str(tmp_path / "calib.pt"), "--out", "s.json", "--budget",
+                             "1.5"])
     assert "must be a fraction in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser().parse_args(["solve", "--help"])
