@@ -9,7 +9,8 @@ same plan and the key is `CallRowKey(branch label, row index)`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -192,8 +193,14 @@ class _Stored:
         self.value = value
         self.members: dict[Hashable, int] = {key: row for row, key in enumerate(keys)}
 
-    def release(self, key: Hashable) -> None:
-        self.members.pop(key, None)
+    def release(self, keys: Iterable[Hashable]) -> None:
+        """Stop reading these keys' rows; released together so a batch replaced whole is dropped, never copied."""
+        keys = keys if isinstance(keys, (list, tuple)) else list(keys)
+        if len(keys) >= len(self.members) and self.members.keys() <= set(keys):
+            self.members = {}
+        else:
+            for key in keys:
+                self.members.pop(key, None)
         if not self.members:
             self.value = None
             return
@@ -202,6 +209,25 @@ class _Stored:
             live = sorted(self.members.items(), key=lambda item: item[1])
             self.value = take_rows(self.value, torch.tensor([row for _, row in live]))
             self.members = {key: i for i, (key, _) in enumerate(live)}
+
+
+class _Releases:
+    """Keys to release, grouped by the batch they read from, so each batch is released (and compacted) once."""
+
+    def __init__(self) -> None:
+        self._by_batch: dict[int, tuple[_Stored, list[Hashable]]] = {}
+        self._last: _Stored | None = None
+        self._last_keys: list[Hashable] = []
+
+    def add(self, stored: _Stored, key: Hashable) -> None:
+        if stored is not self._last:  # consecutive keys mostly come from the same batch
+            self._last = stored
+            self._last_keys = self._by_batch.setdefault(id(stored), (stored, []))[1]
+        self._last_keys.append(key)
+
+    def apply(self) -> None:
+        for stored, keys in self._by_batch.values():
+            stored.release(keys)
 
 
 class RowCache:
@@ -223,17 +249,23 @@ class RowCache:
 
     def store(self, keys: Sequence[Hashable], value: Any, steps: Sequence[int] | None = None) -> None:
         stored = _Stored(value, keys)
-        for row, key in enumerate(keys):
-            point = (steps[row] if steps is not None else -1, stored)
-            history = self._entries.get(key)
+        entries, depth = self._entries, self.depth
+        superseded = _Releases()
+        # this runs for every hooked module on every forward: one tight pass over the rows
+        for key, step in zip(keys, steps if steps is not None else itertools.repeat(-1)):
+            history = entries.get(key)
             if history is None:
-                self._entries[key] = [point]
-                continue
-            history.append(point)
-            if len(history) > self.depth:
-                for _, old in history[: -self.depth]:
-                    old.release(key)
-                del history[: -self.depth]
+                entries[key] = [(step, stored)]
+            elif depth == 1:
+                superseded.add(history[0][1], key)
+                history[0] = (step, stored)
+            else:
+                history.append((step, stored))
+                if len(history) > depth:
+                    for _, old in history[:-depth]:
+                        superseded.add(old, key)
+                    del history[:-depth]
+        superseded.apply()
 
     def _rows_of(self, keys: Sequence[Hashable], age: int) -> Any:
         """The value `age` computations back (0: newest) for each key, as one batch."""
@@ -285,10 +317,11 @@ class RowCache:
         return _zip_trees(values, newton)
 
     def drop(self, keys: Sequence[Hashable]) -> None:
+        dropped = _Releases()
         for key in keys:
-            history = self._entries.pop(key, None)
-            for _, stored in history or ():
-                stored.release(key)
+            for _, stored in self._entries.pop(key, None) or ():
+                dropped.add(stored, key)
+        dropped.apply()
 
     def clear(self) -> None:
         self._entries.clear()
