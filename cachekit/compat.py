@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -178,3 +179,9 @@ def check_diffusers() -> list[str]:
     expect(hasattr(ModelHook, "reset_state"), "ModelHook.reset_state")
     expect("original_forward" in vars(HookFunctionReference()), "HookFunctionReference.original_forward")
     return problems
+
+
+def execution_device(pipe: Any) -> torch.device:
+    """The device a pipeline runs its models on (diffusers' private `_execution_device`, offloading-aware)."""
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(device) if device is not None else next(pipe.transformer.parameters()).device

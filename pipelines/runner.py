@@ -1,0 +1,579 @@
+"""The streaming batch runner: step-level continuous batching with each request's cache plan kept on.
+
+One resident stock pipeline; a loop thread that, every tick, packs the rows of requests at any denoising step into
+one transformer forward (per-row timesteps, prompt embeddings and plans, declared with `cachekit.rows`), then steps
+each request with its own scheduler. Requests join and leave between ticks, so a request's result is the image a
+solo pipeline call with the same prompt, seed, settings and plan gives.
+
+    from cachekit.pipelines import Runner
+
+    with Runner() as runner:                                   # the bundled digits model
+        handle = runner.submit("a handwritten 3", seed=0, schedule="digits-fast")
+        image = handle.result(timeout=60)                      # a PIL image
+        print(handle.info.plan, runner.stats()["latency_s"])
+
+Scheduling: a bounded queue (`QueueFull` when it is full, the server's 429), earliest deadline first, admission by
+rows and predicted cache memory, and cache tiering: a request that allows it and would miss its deadline at the
+predicted load is served by a faster plan from `tiers`. Shared work: the text encoder runs once per distinct text
+(batched over new arrivals, an LRU keeps repeats), finished latents are decoded in batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+import cachekit
+from cachekit.errors import UsageError
+from cachekit.plans import PlanError, plan_label, resolve_plan
+from cachekit.schedule import Schedule
+
+from .families import PipelineFamily, TextConditioning, family_of
+from .metrics import RunnerMetrics
+from .requests import ActiveRequest, RequestCancelled, RequestHandle, ServedRequest, new_request_id
+
+__all__ = ["Runner", "QueueFull", "RunnerClosed", "DEFAULT_TIERS"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIERS: dict[str, tuple[str, ...]] = {"digits": ("digits-lossless", "digits-fast", "digits-fastest")}
+"""The ordered plans (slowest and most faithful first) tiering picks from, per bundled model."""
+
+
+class QueueFull(UsageError):
+    """The runner's queue is at `max_queue`: try again later (HTTP 429)."""
+
+
+class RunnerClosed(UsageError):
+    """The runner was closed; it takes no more requests."""
+
+
+class _PromptCache:
+    """An LRU of text embeddings, keyed by the text and the settings that change its encoding."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[tuple, TextConditioning] = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
+
+    def get(self, key: tuple) -> TextConditioning | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return entry
+
+    def put(self, key: tuple, value: TextConditioning) -> None:
+        self.misses += 1
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+class Runner:
+    """Serve many generation requests from one resident pipeline, each under its own cache plan.
+
+    Args:
+        pipe: a stock diffusers pipeline of a family the runner knows (`pipelines.families`); None loads the bundled
+            digits model. The runner enables cachekit on it (every row brings its own plan) and disables it on close.
+        max_batch: transformer rows per forward (a request with CFG takes two).
+        max_queue: requests waiting for admission before `submit` raises `QueueFull`.
+        tiers: plans from slowest to fastest that tiering may pick (default: the bundled model's shipped ones).
+        max_cache_bytes: admit a request only while the predicted cache memory of all admitted requests fits.
+        prompt_cache_size: text embeddings kept for repeated prompts.
+        preview: decode the current x0 prediction into every step event (costs one small VAE call per step).
+    """
+
+    def __init__(
+        self,
+        pipe: Any = None,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        tiers: Sequence[Any] | None = None,
+        max_cache_bytes: int | None = None,
+        prompt_cache_size: int = 512,
+        preview: bool = False,
+    ) -> None:
+        from cachekit import zoo
+        from cachekit.cost import MacProfile
+        from cachekit.hooks import session_of
+
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise UsageError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise UsageError(f"max_queue must be a positive integer, got {max_queue!r}")
+        pipe = zoo.load_pipeline("digits") if pipe is None else pipe
+        self.family: PipelineFamily = family_of(pipe)
+        if session_of(pipe.transformer) is not None:
+            raise UsageError("cachekit is already enabled on this pipeline; call cachekit.disable(pipe) first: "
+                             "the runner gives every request its own plan")
+        self.pipe = pipe
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_cache_bytes = max_cache_bytes
+        self.preview = preview
+        self._default_settings = self.family.settings(pipe, {})
+        self._profile = MacProfile.for_pipeline(pipe, **self._profile_settings())
+        bundled = zoo.bundled_name(pipe)
+        self.tiers: tuple[Any, ...] = tuple(tiers) if tiers is not None else DEFAULT_TIERS.get(bundled or "", ())
+        self._tier_costs = [self._plan_cost(resolve_plan(t), self._steps_of(t)) for t in self.tiers]
+        self.metrics = RunnerMetrics(max_batch)
+        self._prompts = _PromptCache(prompt_cache_size)
+        self._cv = threading.Condition()
+        self._pending: list[tuple[tuple[float, float], int, ActiveRequest]] = []
+        self._seq = itertools.count()
+        self._active: list[ActiveRequest] = []
+        self._cancelled: set[str] = set()
+        self._closed = False
+        self._seconds_per_cost: float | None = None  # seconds of a forward per unit of row cost, measured
+        self._bytes_per_row = 0.0
+        self._round_robin = 0
+        cachekit.enable(pipe, None)
+        self._thread = threading.Thread(target=self._loop, name="cachekit-runner", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def submit(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        num_inference_steps: int = 20,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
+        schedule: Any = None,
+        deadline_s: float | None = None,
+        allow_degrade: bool = False,
+        height: int | None = None,
+        width: int | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> RequestHandle:
+        """Queue one image; returns at once with a handle (`result`, `cancel`, `await`, `events`).
+
+        `schedule` is anything `cachekit.enable` takes (a shipped name, a policy spec, a file, a Schedule, None).
+        `deadline_s` is seconds from now; with `allow_degrade` a request that would miss it is served by a faster
+        plan from the runner's tiers. `on_step(step, latents)` runs after each of its steps on the runner's thread;
+        if it raises, this request fails alone. Raises `UsageError` on a bad argument, `QueueFull` when the queue is
+        full, with nothing queued.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError("prompt must be a non-empty string")
+        if not isinstance(negative_prompt, str):
+            raise UsageError("negative_prompt must be a string")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or not 2 <= num_inference_steps <= 1000:
+            raise UsageError(f"num_inference_steps must be an integer from 2 to 1000, got {num_inference_steps!r}")
+        defaults = self.family.settings(self.pipe, {})
+        from .call import model_call_defaults
+
+        if guidance_scale is None:
+            guidance_scale = float(model_call_defaults(self.pipe).get("guidance_scale", 4.5))
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not 0.0 <= float(guidance_scale) <= 100.0:
+            raise UsageError(f"guidance_scale must be a number from 0 to 100, got {guidance_scale!r}")
+        if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
+                                       or deadline_s <= 0):
+            raise UsageError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
+        if on_step is not None and not callable(on_step):
+            raise UsageError("on_step must be callable")
+        overrides = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+        settings = self.family.settings(self.pipe, overrides) if overrides else defaults
+        plan = self._resolve(schedule, num_inference_steps)
+        cost = self._request_cost(plan, num_inference_steps, guidance_scale)
+        rows = 2 if guidance_scale > 1.0 else 1
+        if rows > self.max_batch:
+            raise UsageError(f"a request with CFG takes 2 rows, more than max_batch={self.max_batch}")
+
+        handle = RequestHandle(new_request_id(), self._cancel)
+        now = time.monotonic()
+        request = ActiveRequest(
+            handle=handle, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+            num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale), settings=settings,
+            group=self.family.group_key(settings), plan=plan, plan_label=plan_label(schedule),
+            requested_plan=plan_label(schedule), degraded=False, cost=cost,
+            deadline=None if deadline_s is None else now + float(deadline_s),
+            deadline_s=None if deadline_s is None else float(deadline_s), on_step=on_step, preview=self.preview,
+            submitted=now)
+        with self._cv:
+            if self._closed:
+                raise RunnerClosed("the runner is closed")
+            if len(self._pending) >= self.max_queue:
+                self.metrics.outcome("rejected")
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            if allow_degrade and request.deadline is not None:
+                self._degrade_if_late(request, now)
+            heapq.heappush(self._pending, (request.urgency, next(self._seq), request))
+            self.metrics.depth(len(self._pending), len(self._active))
+            self._cv.notify_all()
+        handle._emit({"type": "queued", "request_id": handle.id, "plan": request.plan_label,
+                      "degraded": request.degraded})
+        return handle
+
+    def generate(self, prompt: str, timeout: float | None = None, **options: Any) -> Any:
+        """`submit(...).result(timeout)` in one call."""
+        return self.submit(prompt, **options).result(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Per-runner figures: throughput, batch occupancy, latency percentiles, deadline misses, queue, caches."""
+        snapshot = self.metrics.snapshot()
+        with self._cv:
+            snapshot.update(queued=len(self._pending), active=len(self._active))
+        sessions = cachekit.sessions(self.pipe)
+        snapshot["cached_bytes"] = sum(s.cached_bytes() for s in sessions)
+        snapshot["reused_share_measured"] = sessions[0].stats.reuse_fraction if sessions else None
+        snapshot["prompt_cache"] = {"hits": self._prompts.hits, "misses": self._prompts.misses}
+        snapshot["max_batch"] = self.max_batch
+        return snapshot
+
+    @property
+    def prometheus_registry(self) -> Any:
+        """The runner's `prometheus_client.CollectorRegistry` (what a server's /metrics exposes)."""
+        return self.metrics.registry
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop taking requests, cancel those waiting or in flight, stop the loop and take cachekit off the pipe."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        cachekit.disable(self.pipe)
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plans and costs
+    def _profile_settings(self) -> dict[str, Any]:
+        from .call import model_call_defaults
+
+        return {**model_call_defaults(self.pipe), "prompt": "a", "num_inference_steps": 2}
+
+    @staticmethod
+    def _steps_of(plan: Any) -> int:
+        resolved = resolve_plan(plan)
+        return resolved.num_steps if isinstance(resolved, Schedule) else 20
+
+    def _resolve(self, schedule: Any, num_steps: int) -> Any:
+        try:
+            plan = resolve_plan(schedule)
+            if plan is not None and hasattr(plan, "validate_for"):
+                plan.validate_for(self.pipe.transformer, num_steps)
+        except PlanError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"schedule {plan_label(schedule)!r}: {err}") from None
+        if isinstance(plan, Schedule) and plan.num_steps != num_steps:
+            raise UsageError(f"schedule {plan_label(schedule)!r} is for {plan.num_steps} steps, not "
+                             f"{num_steps}; pass num_inference_steps={plan.num_steps}")
+        return plan
+
+    def _plan_cost(self, plan: Any, num_steps: int) -> float:
+        """Predicted share of an uncached forward's time the plan costs (1.0 when it cannot be predicted)."""
+        if plan is None:
+            return 1.0
+        schedule = plan
+        if not isinstance(plan, Schedule):
+            schedule_for = getattr(plan, "schedule_for", None)
+            if schedule_for is None:  # a runtime policy decides as it goes: assume the worst
+                return 1.0
+            schedule = schedule_for(num_steps, self.pipe.transformer)
+        predicted = schedule.predicted_cost or {}
+        if "wallclock_ratio" in predicted:
+            return float(predicted["wallclock_ratio"])
+        try:
+            return float(self._profile.predict(schedule))
+        except UsageError:
+            return 1.0
+
+    def _request_cost(self, plan: Any, num_steps: int, guidance_scale: float) -> float:
+        rows = 2 if guidance_scale > 1.0 else 1
+        return num_steps * rows * self._plan_cost(plan, num_steps)
+
+    def _predicted_finish(self, request: ActiveRequest, now: float, cost: float) -> float | None:
+        """When the request would finish under EDF at the measured rate, if there is a measurement yet."""
+        if self._seconds_per_cost is None:
+            return None
+        ahead = sum(r.remaining_cost for r in self._active)
+        ahead += sum(r.cost for urgency, _, r in self._pending if urgency <= request.urgency)
+        return now + (ahead + cost) * self._seconds_per_cost
+
+    def _degrade_if_late(self, request: ActiveRequest, now: float) -> None:
+        """Cache tiering: the first faster tier that meets the deadline, else the fastest; never a slower one."""
+        finish = self._predicted_finish(request, now, request.cost)
+        if finish is None or finish <= request.deadline or not self.tiers:
+            return
+        rows = request.num_rows
+        chosen = None
+        for tier, tier_cost in zip(self.tiers, self._tier_costs):
+            if self._steps_of(tier) != request.num_inference_steps:
+                continue
+            cost = request.num_inference_steps * rows * tier_cost
+            if cost >= request.cost:
+                continue
+            chosen = (tier, cost)
+            finish = self._predicted_finish(request, now, cost)
+            if finish <= request.deadline:
+                break
+        if chosen is None:
+            return
+        tier, cost = chosen
+        request.plan = resolve_plan(tier)
+        request.plan_label = plan_label(tier)
+        request.cost = cost
+        request.degraded = True
+
+    # ------------------------------------------------------------------ cancelling
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._cv:
+            for index, (_, _, request) in enumerate(self._pending):
+                if request.handle is handle:
+                    self._pending.pop(index)
+                    heapq.heapify(self._pending)
+                    self.metrics.outcome("cancelled")
+                    handle._cancelled("was cancelled while queued")
+                    return
+            self._cancelled.add(handle.id)
+            self._cv.notify_all()
+
+    def _drop(self, request: ActiveRequest, error: BaseException | None, why: str = "") -> None:
+        """Take a request out of the batch now and free its rows' caches; its batch-mates go on."""
+        self._active.remove(request)
+        cachekit.release(self.pipe, request.keys)
+        if error is None:
+            self.metrics.outcome("cancelled")
+            request.handle._cancelled(why)
+        else:
+            self.metrics.outcome("failed")
+            request.handle._fail(error)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._pending and not self._active and not self._cancelled:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                cancelled, self._cancelled = self._cancelled, set()
+                admitted = self._admit()
+                self.metrics.depth(len(self._pending), len(self._active) + len(admitted))
+            for request in [r for r in self._active if r.handle.id in cancelled]:
+                self._drop(request, None, "was cancelled")
+            try:
+                self._start(admitted)
+            except Exception as err:  # noqa: BLE001 - the encoder failed: these requests fail, nobody else
+                logger.exception("starting requests failed")
+                for request in admitted:
+                    self.metrics.outcome("failed")
+                    request.handle._fail(err)
+                admitted = []
+            self._active.extend(admitted)
+            if self._active:
+                self._tick()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._cv:
+            pending, self._pending = [r for _, _, r in self._pending], []
+        for request in pending:
+            self.metrics.outcome("cancelled")
+            request.handle._cancelled("was cancelled: the runner closed")
+        for request in list(self._active):
+            self._drop(request, None, "was cancelled: the runner closed")
+
+    def _admit(self) -> list[ActiveRequest]:
+        """Move the most urgent waiting requests in, while their rows and predicted cache memory fit."""
+        rows = sum(r.num_rows for r in self._active)
+        admitted: list[ActiveRequest] = []
+        while self._pending:
+            request = self._pending[0][2]
+            if rows + request.num_rows > self.max_batch:
+                break
+            if self.max_cache_bytes is not None and (self._active or admitted):
+                predicted = (rows + request.num_rows) * self._bytes_per_row
+                if predicted > self.max_cache_bytes:
+                    break
+            heapq.heappop(self._pending)
+            rows += request.num_rows
+            admitted.append(request)
+        return admitted
+
+    def _start(self, admitted: list[ActiveRequest]) -> None:
+        """Encode the new requests' texts (one batched call per group, repeats from the LRU), draw their noise."""
+        if not admitted:
+            return
+        now = time.monotonic()
+        by_group: dict[tuple, list[ActiveRequest]] = collections.defaultdict(list)
+        for request in admitted:
+            by_group[request.group].append(request)
+        for requests in by_group.values():
+            settings = requests[0].settings
+            text_key = (settings["max_sequence_length"], settings["clean_caption"])
+            wanted = {t for r in requests for t in ((r.negative_prompt, r.prompt) if r.cfg else (r.prompt,))}
+            missing = sorted(t for t in wanted if (*text_key, t) not in self._prompts)
+            if missing:
+                with torch.no_grad():
+                    for text, encoded in zip(missing, self.family.encode(self.pipe, missing, settings)):
+                        self._prompts.put((*text_key, text), encoded)
+            for request in requests:
+                texts = (request.negative_prompt, request.prompt) if request.cfg else (request.prompt,)
+                request.texts = tuple(self._prompts.get((*text_key, t)) for t in texts)
+        for request in admitted:
+            request.admitted = now
+            request.generator = torch.Generator("cpu").manual_seed(request.seed)
+            with torch.no_grad():
+                request.latents = self.family.initial_latents(self.pipe, request.generator, request.settings)
+            request.scheduler = _fresh_scheduler(self.pipe.scheduler, request.num_inference_steps,
+                                                 request.latents.device)
+            request.extra_step_kwargs = self.pipe.prepare_extra_step_kwargs(request.generator, 0.0)
+            request.handle._emit({"type": "started", "request_id": request.handle.id,
+                                  "queue_wait_s": now - request.submitted})
+
+    def _next_group(self) -> list[ActiveRequest]:
+        """The requests that share the next forward: the group of the most urgent active request."""
+        groups = {r.group for r in self._active}
+        if len(groups) == 1:
+            return list(self._active)
+        urgent = min(self._active, key=lambda r: r.urgency)
+        return [r for r in self._active if r.group == urgent.group]
+
+    def _tick(self) -> None:
+        batch = self._next_group()
+        pipe, family = self.pipe, self.family
+        inputs, timesteps, texts, steps, keys, counts, plans = [], [], [], [], [], [], []
+        for request in batch:
+            t = request.scheduler.timesteps[request.step]
+            doubled = torch.cat([request.latents] * request.num_rows)
+            inputs.append(request.scheduler.scale_model_input(doubled, t))
+            timesteps.append(t.reshape(1).expand(request.num_rows))
+            texts.extend(request.texts)
+            steps.extend([request.step] * request.num_rows)
+            keys.extend(request.keys)
+            counts.extend([request.num_inference_steps] * request.num_rows)
+            plans.extend([request.plan] * request.num_rows)
+        started = time.perf_counter()
+        try:
+            with torch.no_grad(), cachekit.rows(pipe, steps, keys, counts, plans):
+                prediction = family.forward(pipe, torch.cat(inputs), torch.cat(timesteps), texts, batch[0].settings)
+        except Exception as err:  # noqa: BLE001 - a failed forward fails the requests in it, not the runner
+            logger.exception("a transformer forward failed")
+            for request in batch:
+                self._drop(request, err)
+            return
+        elapsed = time.perf_counter() - started
+        self.metrics.forward(len(keys))
+        self._learn_rates(batch, elapsed)
+
+        now = time.monotonic()
+        finished: list[ActiveRequest] = []
+        offset = 0
+        for request in batch:
+            rows = prediction[offset : offset + request.num_rows]
+            offset += request.num_rows
+            try:
+                self._step(request, rows, now)
+            except Exception as err:  # noqa: BLE001 - this request's own step failed: it alone fails
+                self._drop(request, err)
+                continue
+            if request.step == request.num_inference_steps:
+                finished.append(request)
+        if finished:
+            self._finish(finished)
+
+    def _learn_rates(self, batch: list[ActiveRequest], elapsed: float) -> None:
+        cost = sum(r.cost / r.num_inference_steps for r in batch)
+        rate = elapsed / max(cost, 1e-9)
+        self._seconds_per_cost = rate if self._seconds_per_cost is None else 0.8 * self._seconds_per_cost + 0.2 * rate
+        if self.max_cache_bytes is not None:
+            rows = sum(r.num_rows for r in self._active)
+            held = sum(s.cached_bytes() for s in cachekit.sessions(self.pipe))
+            if rows:
+                self._bytes_per_row = max(self._bytes_per_row, held / rows)
+
+    def _step(self, request: ActiveRequest, prediction: torch.Tensor, now: float) -> None:
+        if request.cfg:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + request.guidance_scale * (cond - uncond)
+        t = request.scheduler.timesteps[request.step]
+        with torch.no_grad():
+            request.latents = request.scheduler.step(prediction, t, request.latents, **request.extra_step_kwargs,
+                                                     return_dict=False)[0]
+        if request.first_step is None:
+            request.first_step = now
+        request.step += 1
+        event = {"type": "step", "request_id": request.handle.id, "step": request.step,
+                 "num_steps": request.num_inference_steps}
+        if request.preview:
+            event["preview"] = self._preview(request, prediction, t)
+        request.handle._emit(event)
+        if request.on_step is not None:
+            request.on_step(request.step, request.latents)
+
+    def _preview(self, request: ActiveRequest, noise: torch.Tensor, t: torch.Tensor) -> Any:
+        """The current x0 prediction, decoded: what the image is becoming."""
+        alphas = getattr(request.scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            return None
+        a = alphas[int(t)].to(noise.device, noise.dtype)
+        with torch.no_grad():
+            x0 = (request.latents - (1 - a).sqrt() * noise) / a.sqrt()
+            return self.family.decode(self.pipe, x0)[0]
+
+    def _finish(self, finished: list[ActiveRequest]) -> None:
+        """Decode finished requests in one VAE call per latent shape and hand out their images."""
+        by_shape: dict[tuple, list[ActiveRequest]] = collections.defaultdict(list)
+        for request in finished:
+            by_shape[tuple(request.latents.shape)].append(request)
+        for requests in by_shape.values():
+            try:
+                with torch.no_grad():
+                    images = self.family.decode(self.pipe, torch.cat([r.latents for r in requests]))
+            except Exception as err:  # noqa: BLE001
+                for request in requests:
+                    self._drop(request, err)
+                continue
+            done = time.monotonic()
+            for request, image in zip(requests, images):
+                self._active.remove(request)
+                cachekit.release(self.pipe, request.keys)
+                info = ServedRequest(
+                    request_id=request.handle.id, plan=request.plan_label, requested_plan=request.requested_plan,
+                    degraded=request.degraded, num_inference_steps=request.num_inference_steps,
+                    queue_wait_s=request.admitted - request.submitted,
+                    time_to_first_step_s=request.first_step - request.submitted,
+                    latency_s=done - request.submitted, steps_computed=request.step,
+                    reused_share=round(1.0 - self._plan_cost(request.plan, request.num_inference_steps), 6),
+                    deadline_s=request.deadline_s,
+                    deadline_missed=None if request.deadline is None else done > request.deadline)
+                self.metrics.served(info)
+                request.handle._finish(image, info)
+
+
+def _fresh_scheduler(scheduler: Any, num_steps: int, device: torch.device) -> Any:
+    """A request's own scheduler: the pipeline's configuration, its own step state."""
+    own = type(scheduler).from_config(scheduler.config)
+    own.set_timesteps(num_steps, device=device)
+    if hasattr(own, "set_begin_index"):
+        own.set_begin_index(0)
+    return own
