@@ -17,6 +17,8 @@ it meets, so one plan serves requests of different lengths.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -136,6 +138,7 @@ def _from_policy_spec(name: str, rest: str, transformer: nn.Module | None, num_s
 
     static, runtime = _policies()
     options = parse_options(rest, f"{name} option")
+    _check_option_types(name, (static.get(name) or runtime[name])[1], options)
     try:
         if name in static:
             forecast = options.pop("forecast", 0)
@@ -152,6 +155,16 @@ def _from_policy_spec(name: str, rest: str, transformer: nn.Module | None, num_s
         raise
     except (ValueError, TypeError) as err:
         raise PlanError(str(err)) from None
+
+
+def _check_option_types(name: str, config_cls: type, options: dict[str, Any]) -> None:
+    """A number where the policy's config has a number (so `fora:interval=banana` says so, not a TypeError)."""
+    for key, value in options.items():
+        field = config_cls.__dataclass_fields__.get(key)
+        default = getattr(field, "default", dataclasses.MISSING)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and \
+                (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PlanError(f"{name}: {key} must be a number, got {value!r}")
 
 
 class StaticPolicyPlan:

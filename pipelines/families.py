@@ -41,6 +41,9 @@ class PipelineFamily(Protocol):
     def settings(self, pipe: Any, overrides: dict[str, Any]) -> dict[str, Any]:
         """Resolution and text settings of a request (the model's call defaults under the caller's)."""
 
+    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The stock pipeline call arguments that give these settings (for a solo call or a cost profile)."""
+
     def group_key(self, settings: dict[str, Any]) -> tuple:
         """Requests with equal keys can share a forward (same latent shape and text length)."""
 
@@ -77,6 +80,10 @@ class PixArtFamily:
         return {"height": height, "width": width,
                 "max_sequence_length": int(merged.get("max_sequence_length", 120)),
                 "clean_caption": bool(merged.get("clean_caption", False))}
+
+    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        # the runner serves exactly the requested size: resolution binning would resize it
+        return {**settings, "use_resolution_binning": False}
 
     def group_key(self, settings: dict[str, Any]) -> tuple:
         return (settings["height"], settings["width"], settings["max_sequence_length"])

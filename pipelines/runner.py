@@ -265,9 +265,7 @@ class Runner:
 
     # ------------------------------------------------------------------ plans and costs
     def _profile_settings(self) -> dict[str, Any]:
-        from .call import model_call_defaults
-
-        return {**model_call_defaults(self.pipe), "prompt": "a", "num_inference_steps": 2}
+        return {**self.family.call_settings(self._default_settings), "prompt": "a", "num_inference_steps": 2}
 
     @staticmethod
     def _steps_of(plan: Any) -> int:
@@ -283,9 +281,6 @@ class Runner:
             raise
         except (ValueError, TypeError) as err:
             raise UsageError(f"schedule {plan_label(schedule)!r}: {err}") from None
-        if isinstance(plan, Schedule) and plan.num_steps != num_steps:
-            raise UsageError(f"schedule {plan_label(schedule)!r} is for {plan.num_steps} steps, not "
-                             f"{num_steps}; pass num_inference_steps={plan.num_steps}")
         return plan
 
     def _plan_cost(self, plan: Any, num_steps: int) -> float:
