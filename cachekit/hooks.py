@@ -463,6 +463,12 @@ class StepTrackerHook(ModelHook):
         declared = session.resolve_rows(_batch_size(args, kwargs), lambda: self._timestep(args, kwargs),
                                         self.cache_context.current)
         rows = session.begin(declared)
+        if all(group.compiled.plan is None for group in session.groups_of(rows)):
+            # every row is uncached (a runner serving requests without a plan): nothing to decide or store, so
+            # the inner hooks see no rows and pass straight through
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            session.end(rows)
+            return output
         token = session._rows.set(rows)
         try:
             output = self.fn_ref.original_forward(*args, **kwargs)

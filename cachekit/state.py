@@ -286,7 +286,20 @@ class RowCache:
         A Newton divided-difference polynomial through the last `order + 1` computed points, in step units: order 0
         is plain reuse, order 1 a linear extrapolation, and so on. Rows with fewer points use what they have.
         """
-        points = min([order + 1, *(len(self._entries[key]) for key in keys)])
+        available = [min(order + 1, len(self._entries[key])) for key in keys]
+        if min(available) != max(available):
+            # a request that joined later has fewer points than its batch-mates: each row uses all of its own,
+            # exactly as it would alone
+            targets = torch.as_tensor(target_steps).flatten()
+            if targets.numel() == 1:
+                targets = targets.expand(len(keys))
+            parts = []
+            for count in sorted(set(available)):
+                index = torch.tensor([i for i, n in enumerate(available) if n == count])
+                subset = [keys[i] for i in index.tolist()]
+                parts.append((index, self.forecast(subset, targets[index], count - 1)))
+            return merge_rows(parts, len(keys))
+        points = available[0]
         if points <= 1:
             return self.gather(keys)
         history = [[self._entries[key][-1 - a][0] for a in range(points)] for key in keys]

@@ -96,6 +96,10 @@ class Runner:
         max_cache_bytes: admit a request only while the predicted cache memory of all admitted requests fits.
         prompt_cache_size: text embeddings kept for repeated prompts.
         preview: decode the current x0 prediction into every step event (costs one small VAE call per step).
+        cpu_threads: torch intra-op threads of the runner's loop thread when the model runs on CPU. A worker
+            thread's OpenMP team can be several times slower than the main thread's at the same count (measured:
+            2.8x on 2 cores), so "auto" times a full batch at the creating thread's count and at 1 and keeps the
+            faster; an int sets it; None leaves torch's default. Ignored on accelerators.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class Runner:
         max_cache_bytes: int | None = None,
         prompt_cache_size: int = 512,
         preview: bool = False,
+        cpu_threads: int | str | None = "auto",
     ) -> None:
         from cachekit import zoo
         from cachekit.cost import MacProfile
@@ -142,7 +147,11 @@ class Runner:
         self._closed = False
         self._seconds_per_cost: float | None = None  # seconds of a forward per unit of row cost, measured
         self._bytes_per_row = 0.0
-        self._round_robin = 0
+        if not (cpu_threads in ("auto", None) or (isinstance(cpu_threads, int) and cpu_threads >= 1)):
+            raise UsageError(f"cpu_threads must be 'auto', None or a positive integer, got {cpu_threads!r}")
+        self._cpu_threads = cpu_threads
+        self._creator_threads = torch.get_num_threads()
+        self.loop_threads: int | None = None
         cachekit.enable(pipe, None)
         self._thread = threading.Thread(target=self._loop, name="cachekit-runner", daemon=True)
         self._thread.start()
@@ -240,6 +249,7 @@ class Runner:
         snapshot["reused_share_measured"] = sessions[0].stats.reuse_fraction if sessions else None
         snapshot["prompt_cache"] = {"hits": self._prompts.hits, "misses": self._prompts.misses}
         snapshot["max_batch"] = self.max_batch
+        snapshot["loop_threads"] = self.loop_threads
         return snapshot
 
     @property
@@ -363,7 +373,43 @@ class Runner:
             request.handle._fail(error)
 
     # ------------------------------------------------------------------ the loop
+    def _configure_threads(self) -> None:
+        """Pick the loop thread's torch thread count on CPU (see `cpu_threads`)."""
+        from cachekit.compat import execution_device
+
+        if execution_device(self.pipe).type != "cpu" or self._cpu_threads is None:
+            return
+        if isinstance(self._cpu_threads, int):
+            torch.set_num_threads(self._cpu_threads)
+        else:
+            candidates = sorted({self._creator_threads, 1}, reverse=True)
+            timings = {n: self._time_full_batch(n) for n in candidates}
+            torch.set_num_threads(min(timings, key=timings.get))
+        self.loop_threads = torch.get_num_threads()
+
+    def _time_full_batch(self, threads: int) -> float:
+        torch.set_num_threads(threads)
+        settings = self._default_settings
+        with torch.no_grad():
+            text = self.family.encode(self.pipe, [""], settings)[0]
+            latents = torch.cat([self.family.initial_latents(self.pipe, torch.Generator("cpu").manual_seed(i),
+                                                             settings) for i in range(self.max_batch)])
+            timesteps = torch.full((self.max_batch,), 500, dtype=torch.long)
+            keys = [("cachekit-probe", i) for i in range(self.max_batch)]
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                with cachekit.rows(self.pipe, [0] * self.max_batch, keys, 2, [None] * self.max_batch):
+                    self.family.forward(self.pipe, latents, timesteps, [text] * self.max_batch, settings)
+                best = min(best, time.perf_counter() - started)
+            cachekit.release(self.pipe, keys)
+        return best
+
     def _loop(self) -> None:
+        try:
+            self._configure_threads()
+        except Exception:  # noqa: BLE001 - a probe failure only costs speed
+            logger.exception("timing the loop thread's torch threads failed; keeping torch's default")
         while True:
             with self._cv:
                 while not self._closed and not self._pending and not self._active and not self._cancelled:

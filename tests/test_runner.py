@@ -257,3 +257,17 @@ def test_a_non_bundled_pixart_pipeline_and_an_unknown_family():
     assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE
     with pytest.raises(UsageError, match="no adapter for"):
         Runner(torch.nn.Linear(1, 1))
+
+
+def test_forecasting_requests_joining_mid_way_match_solo_calls(runner, solo_pipe):
+    """digits-fast forecasts features (TaylorSeer genes): a request that joins later has a shorter history than
+    its batch-mates, and each row must extrapolate from its own points, as it would alone."""
+    first = runner.submit("a handwritten 0", seed=30, schedule="digits-fast")
+    wait_for_step(first, 6)
+    second = runner.submit("a handwritten 6", seed=31, schedule="digits-fast")
+    wait_for_step(second, 3)
+    third = runner.submit("a handwritten 9", seed=32, schedule="digits-fast")
+    for handle, (prompt, seed) in zip((first, second, third),
+                                      (("a handwritten 0", 30), ("a handwritten 6", 31), ("a handwritten 9", 32))):
+        expected = solo(solo_pipe, prompt, seed, plan="digits-fast")
+        assert max_pixel_difference(handle.result(timeout=120), expected) <= PIXEL_TOLERANCE

@@ -1,0 +1,181 @@
+"""The streaming batch runner against one-at-a-time serving and the static-batch limit, on the digits model.
+
+Prints ratios measured in one run, never asserts them. Requests arrive on a bursty trace (Gamma inter-arrival times,
+shape 0.5: coefficient of variation 1.4, as production serving traces show), 20 DPM-Solver steps, CFG 4:
+
+- throughput of the runner against (a) the stock pipeline serving one request at a time and (b) the limit: the
+  same prompts and seeds in static-batch pipeline calls of max_batch rows (max_batch / 2 prompts with CFG),
+  with the arrival rate at 1.5x the limit's throughput so the runner is never starved; goal >= 0.9 of the limit,
+  every output equal to its solo call;
+- caching inside the runner: the same with `digits-fast` on every request; goal: the runner keeps >= 0.9 of the
+  speedup `digits-fast` has in static batches;
+- latency under load: time to first image and p50/p99 latency at 50%, 80% and 100% of the limit's throughput;
+  deadline-miss rate with and without cache tiering (requests ask for `digits-lossless` under a deadline).
+
+    python benchmarks/runner.py --num 200 --max-batch 32 --json runs/runner.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cachekit.pipelines import PipelineCall, Runner
+from cachekit.zoo import load_pipeline
+from cachekit.zoo.digits_data import digit_prompts
+
+STEPS = 20
+
+
+def gamma_arrivals(num: int, rate: float, shape: float, seed: int) -> np.ndarray:
+    """Arrival times (s) of `num` requests at `rate` per second with Gamma(shape) inter-arrival gaps."""
+    gaps = np.random.default_rng(seed).gamma(shape, 1.0 / (shape * rate), size=num)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+def static_batches(pipe, prompts: list[str], seeds: list[int], per_call: int, plan=None) -> tuple[float, list]:
+    """Images per second of back-to-back static-batch pipeline calls (and the images)."""
+    call = PipelineCall(prompts, num_inference_steps=STEPS, seeds=seeds, output_type="pil")
+    images: list = []
+    started = time.perf_counter()
+    for chunk in tqdm(call.chunks(per_call), desc=f"static batches of {per_call} ({plan or 'uncached'})",
+                      leave=False):
+        images.extend(chunk(pipe, plan=plan))
+    return len(prompts) / (time.perf_counter() - started), images
+
+
+def one_at_a_time(pipe, prompts: list[str], seeds: list[int]) -> tuple[float, list]:
+    call = PipelineCall(prompts, num_inference_steps=STEPS, seeds=seeds, output_type="pil")
+    images: list = []
+    started = time.perf_counter()
+    for chunk in tqdm(call.chunks(1), desc="one at a time", leave=False):
+        images.extend(chunk(pipe))
+    return len(prompts) / (time.perf_counter() - started), images
+
+
+def serve_trace(runner: Runner, prompts: list[str], seeds: list[int], arrivals: np.ndarray, plan=None,
+                deadline_s: float | None = None, allow_degrade: bool = False, label: str = "") -> dict:
+    """Submit each request at its arrival time; wait for all; the runner's figures for this trace alone."""
+    handles = []
+    started = time.perf_counter()
+    for prompt, seed, at in zip(prompts, seeds, arrivals):
+        delay = at - (time.perf_counter() - started)
+        if delay > 0:
+            time.sleep(delay)
+        handles.append(runner.submit(prompt, seed=seed, num_inference_steps=STEPS, schedule=plan,
+                                     deadline_s=deadline_s, allow_degrade=allow_degrade))
+    images = [h.result(timeout=600) for h in tqdm(handles, desc=f"runner {label}", leave=False)]
+    elapsed = time.perf_counter() - started
+    latencies = [h.info.latency_s for h in handles]
+    first_done = min(h.info.latency_s + float(at) for h, at in zip(handles, arrivals))
+    misses = [h.info.deadline_missed for h in handles if h.info.deadline_missed is not None]
+    return {
+        "images": images,
+        "images_per_s": len(handles) / elapsed,
+        "time_to_first_image_s": first_done,
+        "latency_p50_s": float(np.percentile(latencies, 50)),
+        "latency_p99_s": float(np.percentile(latencies, 99)),
+        "deadline_miss_rate": (sum(misses) / len(misses)) if misses else None,
+        "degraded_share": sum(h.info.degraded for h in handles) / len(handles),
+        "plans": sorted({h.info.plan for h in handles}),
+    }
+
+
+def max_difference(images: list, reference: list) -> int:
+    return max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+               for a, b in zip(images, reference))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num", type=int, default=200, help="requests per trace (default 200)")
+    parser.add_argument("--max-batch", type=int, default=32, help="transformer rows per forward (default 32)")
+    parser.add_argument("--shape", type=float, default=0.5, help="Gamma shape of inter-arrival gaps (default 0.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    pipe = load_pipeline("digits")
+    pipe.set_progress_bar_config(disable=True)
+    pairs = digit_prompts(args.num, seed=args.seed)
+    prompts, seeds = [p for p, _ in pairs], list(range(args.num))
+    per_call = max(args.max_batch // 2, 1)
+    static_batches(pipe, prompts[:per_call], seeds[:per_call], per_call)  # warm-up
+
+    results: dict = {"num": args.num, "max_batch_rows": args.max_batch, "steps": STEPS, "gamma_shape": args.shape}
+    solo_rate, solo_images = one_at_a_time(pipe, prompts, seeds)
+    limit_rate, _ = static_batches(pipe, prompts, seeds, per_call)
+    limit_fast_rate, _ = static_batches(pipe, prompts, seeds, per_call, plan="digits-fast")
+    fast_solo = PipelineCall(prompts, num_inference_steps=STEPS, seeds=seeds, output_type="pil")
+    fast_solo_images = [img for chunk in fast_solo.chunks(1) for img in chunk(pipe, plan="digits-fast")]
+
+    runner = Runner(load_pipeline("digits"), max_batch=args.max_batch, max_queue=args.num)
+    try:
+        serve_trace(runner, prompts[:per_call], seeds[:per_call], np.zeros(per_call), label="warm-up")
+        saturating = gamma_arrivals(args.num, 1.5 * limit_rate, args.shape, args.seed)
+        uncached = serve_trace(runner, prompts, seeds, saturating, label="uncached, saturated")
+        fast = serve_trace(runner, prompts, seeds, saturating, plan="digits-fast", label="digits-fast, saturated")
+        results["throughput"] = {
+            "one_at_a_time_images_per_s": solo_rate, "static_limit_images_per_s": limit_rate,
+            "runner_images_per_s": uncached["images_per_s"],
+            "runner_over_limit": uncached["images_per_s"] / limit_rate,
+            "runner_over_one_at_a_time": uncached["images_per_s"] / solo_rate,
+            "max_pixel_difference_vs_solo": max_difference(uncached["images"], solo_images),
+        }
+        static_speedup = limit_fast_rate / limit_rate
+        runner_speedup = fast["images_per_s"] / uncached["images_per_s"]
+        results["caching"] = {
+            "static_digits_fast_images_per_s": limit_fast_rate, "static_speedup": static_speedup,
+            "runner_digits_fast_images_per_s": fast["images_per_s"], "runner_speedup": runner_speedup,
+            "kept_share_of_speedup": runner_speedup / static_speedup,
+            "max_pixel_difference_vs_solo": max_difference(fast["images"], fast_solo_images),
+        }
+        results["load"] = {}
+        for load in (0.5, 0.8, 1.0):
+            trace = gamma_arrivals(args.num, load * limit_rate, args.shape, args.seed + 1)
+            served = serve_trace(runner, prompts, seeds, trace, label=f"{load:.0%} load")
+            results["load"][f"{load:.0%}"] = {k: v for k, v in served.items() if k != "images"}
+        # a deadline of twice the uncached p50 latency at 50% load; requests ask for the slowest shipped plan
+        deadline = 2.0 * results["load"]["50%"]["latency_p50_s"]
+        trace = gamma_arrivals(args.num, 1.0 * limit_rate, args.shape, args.seed + 2)
+        results["tiering"] = {"deadline_s": deadline}
+        for allow in (False, True):
+            served = serve_trace(runner, prompts, seeds, trace, plan="digits-lossless", deadline_s=deadline,
+                                 allow_degrade=allow, label=f"tiering {'on' if allow else 'off'}")
+            results["tiering"]["with_tiering" if allow else "without_tiering"] = {
+                k: v for k, v in served.items() if k != "images"}
+        results["runner_stats"] = {k: v for k, v in runner.stats().items() if k in ("forwards", "batch_occupancy",
+                                                                                    "prompt_cache")}
+    finally:
+        runner.close()
+
+    t, c = results["throughput"], results["caching"]
+    print(f"throughput: runner {t['runner_images_per_s']:.2f} img/s, one at a time {solo_rate:.2f}, static limit "
+          f"{limit_rate:.2f} -> {t['runner_over_limit']:.2f} of the limit (goal >= 0.9), "
+          f"{t['runner_over_one_at_a_time']:.2f}x one at a time; max pixel difference vs solo "
+          f"{t['max_pixel_difference_vs_solo']}")
+    print(f"caching: digits-fast speedup static {c['static_speedup']:.2f}x, runner {c['runner_speedup']:.2f}x -> "
+          f"{c['kept_share_of_speedup']:.2f} kept (goal >= 0.9); max pixel difference vs solo "
+          f"{c['max_pixel_difference_vs_solo']}")
+    for load, r in results["load"].items():
+        print(f"load {load}: first image {r['time_to_first_image_s']:.2f} s, p50 {r['latency_p50_s']:.2f} s, "
+              f"p99 {r['latency_p99_s']:.2f} s")
+    for name in ("without_tiering", "with_tiering"):
+        r = results["tiering"][name]
+        print(f"{name} (deadline {deadline:.2f} s, 100% load): miss rate {r['deadline_miss_rate']:.2%}, "
+              f"degraded {r['degraded_share']:.0%}, p99 {r['latency_p99_s']:.2f} s, plans {r['plans']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
