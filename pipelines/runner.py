@@ -100,6 +100,10 @@ class Runner:
             thread's OpenMP team can be several times slower than the main thread's at the same count (measured:
             2.8x on 2 cores), so "auto" times a full batch at the creating thread's count and at 1 and keeps the
             faster; an int sets it; None leaves torch's default. Ignored on accelerators.
+        align_steps: how many forwards' time requests under a schedule may wait, while the batch is busy, to start
+            together as a cohort (rows at one step skip a schedule's blocks for the whole batch; rows at mixed steps
+            compute most blocks for some rows). At most 2 forwards' time when the runner is idle; 0 admits at once.
+            Measured on digits-fast: 1.31x over uncached in the runner with 20, 0.69x with 0.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class Runner:
         prompt_cache_size: int = 512,
         preview: bool = False,
         cpu_threads: int | str | None = "auto",
+        align_steps: float = 20.0,
     ) -> None:
         from cachekit import zoo
         from cachekit.cost import MacProfile
@@ -146,7 +151,11 @@ class Runner:
         self._cancelled: set[str] = set()
         self._closed = False
         self._seconds_per_cost: float | None = None  # seconds of a forward per unit of row cost, measured
+        self._seconds_per_tick: float | None = None
+        self.align_steps = align_steps
         self._bytes_per_row = 0.0
+        if isinstance(align_steps, bool) or not isinstance(align_steps, (int, float)) or align_steps < 0:
+            raise UsageError(f"align_steps must be a number >= 0, got {align_steps!r}")
         if not (cpu_threads in ("auto", None) or (isinstance(cpu_threads, int) and cpu_threads >= 1)):
             raise UsageError(f"cpu_threads must be 'auto', None or a positive integer, got {cpu_threads!r}")
         self._cpu_threads = cpu_threads
@@ -417,7 +426,10 @@ class Runner:
                 if self._closed:
                     break
                 cancelled, self._cancelled = self._cancelled, set()
-                admitted = self._admit()
+                admitted, hold_until = self._admit()
+                if not admitted and not self._active and not cancelled and hold_until is not None:
+                    self._cv.wait(max(hold_until - time.monotonic(), 0.0))  # a cohort gathering: nothing to run
+                    continue
                 self.metrics.depth(len(self._pending), len(self._active) + len(admitted))
             for request in [r for r in self._active if r.handle.id in cancelled]:
                 self._drop(request, None, "was cancelled")
@@ -443,22 +455,39 @@ class Runner:
         for request in list(self._active):
             self._drop(request, None, "was cancelled: the runner closed")
 
-    def _admit(self) -> list[ActiveRequest]:
-        """Move the most urgent waiting requests in, while their rows and predicted cache memory fit."""
+    def _admit(self) -> tuple[list[ActiveRequest], float | None]:
+        """Move the most urgent waiting requests in, while their rows and predicted cache memory fit.
+
+        Step-aligned admission: requests under a static plan (a schedule) skip work only where every row of a
+        forward is at a step that skips it, so they are let in as cohorts that start together. While the waiting
+        requests cannot fill the free rows, they are held for up to `align_steps` forwards' time; the second value
+        is when the hold ends (None: no hold).
+        """
         rows = sum(r.num_rows for r in self._active)
         admitted: list[ActiveRequest] = []
-        while self._pending:
-            request = self._pending[0][2]
+        for _, _, request in sorted(self._pending):
             if rows + request.num_rows > self.max_batch:
                 break
             if self.max_cache_bytes is not None and (self._active or admitted):
                 predicted = (rows + request.num_rows) * self._bytes_per_row
                 if predicted > self.max_cache_bytes:
                     break
-            heapq.heappop(self._pending)
             rows += request.num_rows
             admitted.append(request)
-        return admitted
+        if not admitted:
+            return [], None
+        fills = len(admitted) < len(self._pending) or rows + 2 > self.max_batch
+        if self.align_steps and not fills and self._seconds_per_tick is not None and \
+                any(_is_static(r.plan) for r in admitted):
+            # while the batch is busy anyway a cohort may gather for longer; an idle runner waits briefly for a burst
+            steps = self.align_steps if self._active else min(self.align_steps, 2)
+            hold_until = min(r.submitted for r in admitted) + steps * self._seconds_per_tick
+            if time.monotonic() < hold_until:
+                return [], hold_until
+        chosen = {id(r) for r in admitted}
+        self._pending = [entry for entry in self._pending if id(entry[2]) not in chosen]
+        heapq.heapify(self._pending)
+        return admitted, None
 
     def _start(self, admitted: list[ActiveRequest]) -> None:
         """Encode the new requests' texts (one batched call per group, repeats from the LRU), draw their noise."""
@@ -523,6 +552,8 @@ class Runner:
                 self._drop(request, err)
             return
         elapsed = time.perf_counter() - started
+        self._seconds_per_tick = elapsed if self._seconds_per_tick is None else \
+            0.8 * self._seconds_per_tick + 0.2 * elapsed
         self.metrics.forward(len(keys))
         self._learn_rates(batch, elapsed)
 
@@ -609,6 +640,11 @@ class Runner:
                     deadline_missed=None if request.deadline is None else done > request.deadline)
                 self.metrics.served(info)
                 request.handle._finish(image, info)
+
+
+def _is_static(plan: Any) -> bool:
+    """A plan whose decisions depend on the step alone (a schedule, a static policy), not on the features."""
+    return isinstance(plan, Schedule) or hasattr(plan, "schedule_for")
 
 
 def _fresh_scheduler(scheduler: Any, num_steps: int, device: torch.device) -> Any:
