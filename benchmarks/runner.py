@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=200, help="requests per trace (default 200)")
     parser.add_argument("--max-batch", type=int, default=32, help="transformer rows per forward (default 32)")
     parser.add_argument("--shape", type=float, default=0.5, help="Gamma shape of inter-arrival gaps (default 0.5)")
+    parser.add_argument("--align-steps", type=float, default=20.0,
+                        help="the runner's step-aligned admission (Runner(align_steps=...); 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -110,14 +112,16 @@ def main() -> None:
     per_call = max(args.max_batch // 2, 1)
     static_batches(pipe, prompts[:per_call], seeds[:per_call], per_call)  # warm-up
 
-    results: dict = {"num": args.num, "max_batch_rows": args.max_batch, "steps": STEPS, "gamma_shape": args.shape}
+    results: dict = {"num": args.num, "max_batch_rows": args.max_batch, "steps": STEPS, "gamma_shape": args.shape,
+                     "align_steps": args.align_steps}
     solo_rate, solo_images = one_at_a_time(pipe, prompts, seeds)
     limit_rate, _ = static_batches(pipe, prompts, seeds, per_call)
     limit_fast_rate, _ = static_batches(pipe, prompts, seeds, per_call, plan="digits-fast")
     fast_solo = PipelineCall(prompts, num_inference_steps=STEPS, seeds=seeds, output_type="pil")
     fast_solo_images = [img for chunk in fast_solo.chunks(1) for img in chunk(pipe, plan="digits-fast")]
 
-    runner = Runner(load_pipeline("digits"), max_batch=args.max_batch, max_queue=args.num)
+    runner = Runner(load_pipeline("digits"), max_batch=args.max_batch, max_queue=args.num,
+                    align_steps=args.align_steps)
     try:
         serve_trace(runner, prompts[:per_call], seeds[:per_call], np.zeros(per_call), label="warm-up")
         saturating = gamma_arrivals(args.num, 1.5 * limit_rate, args.shape, args.seed)
