@@ -149,6 +149,7 @@ class Runner:
         self._seq = itertools.count()
         self._active: list[ActiveRequest] = []
         self._cancelled: set[str] = set()
+        self._streams: list[Any] = []
         self._closed = False
         self._seconds_per_cost: float | None = None  # seconds of a forward per unit of row cost, measured
         self._seconds_per_tick: float | None = None
@@ -421,13 +422,15 @@ class Runner:
             logger.exception("timing the loop thread's torch threads failed; keeping torch's default")
         while True:
             with self._cv:
-                while not self._closed and not self._pending and not self._active and not self._cancelled:
+                while not self._closed and not self._pending and not self._active and not self._cancelled and \
+                        not any(s.closed or s.has_work() for s in self._streams):
                     self._cv.wait()
                 if self._closed:
                     break
                 cancelled, self._cancelled = self._cancelled, set()
                 admitted, hold_until = self._admit()
-                if not admitted and not self._active and not cancelled and hold_until is not None:
+                if not admitted and not self._active and not cancelled and hold_until is not None and \
+                        not any(s.has_work() for s in self._streams):
                     self._cv.wait(max(hold_until - time.monotonic(), 0.0))  # a cohort gathering: nothing to run
                     continue
                 self.metrics.depth(len(self._pending), len(self._active) + len(admitted))
@@ -444,6 +447,7 @@ class Runner:
             self._active.extend(admitted)
             if self._active:
                 self._tick()
+            self._advance_streams()
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -454,6 +458,9 @@ class Runner:
             request.handle._cancelled("was cancelled: the runner closed")
         for request in list(self._active):
             self._drop(request, None, "was cancelled: the runner closed")
+        for stream in self._streams:
+            stream._shutdown()
+        self._streams.clear()
 
     def _admit(self) -> tuple[list[ActiveRequest], float | None]:
         """Move the most urgent waiting requests in, while their rows and predicted cache memory fit.
@@ -498,17 +505,11 @@ class Runner:
         for request in admitted:
             by_group[request.group].append(request)
         for requests in by_group.values():
-            settings = requests[0].settings
-            text_key = (settings["max_sequence_length"], settings["clean_caption"])
-            wanted = {t for r in requests for t in ((r.negative_prompt, r.prompt) if r.cfg else (r.prompt,))}
-            missing = sorted(t for t in wanted if (*text_key, t) not in self._prompts)
-            if missing:
-                with torch.no_grad():
-                    for text, encoded in zip(missing, self.family.encode(self.pipe, missing, settings)):
-                        self._prompts.put((*text_key, text), encoded)
+            wanted = [t for r in requests for t in ((r.negative_prompt, r.prompt) if r.cfg else (r.prompt,))]
+            encoded = self._encode_texts(wanted, requests[0].settings)
             for request in requests:
                 texts = (request.negative_prompt, request.prompt) if request.cfg else (request.prompt,)
-                request.texts = tuple(self._prompts.get((*text_key, t)) for t in texts)
+                request.texts = tuple(encoded[t] for t in texts)
         for request in admitted:
             request.admitted = now
             request.generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -519,6 +520,80 @@ class Runner:
             request.extra_step_kwargs = self.pipe.prepare_extra_step_kwargs(request.generator, 0.0)
             request.handle._emit({"type": "started", "request_id": request.handle.id,
                                   "queue_wait_s": now - request.submitted})
+
+    def _encode_texts(self, texts: Sequence[str], settings: dict[str, Any]) -> dict[str, TextConditioning]:
+        """Embeddings of these texts: the LRU's, and the missing ones in one text-encoder call."""
+        text_key = (settings["max_sequence_length"], settings["clean_caption"])
+        missing = sorted({t for t in texts if (*text_key, t) not in self._prompts})
+        if missing:
+            with torch.no_grad():
+                for text, encoded in zip(missing, self.family.encode(self.pipe, missing, settings)):
+                    self._prompts.put((*text_key, text), encoded)
+        return {t: self._prompts.get((*text_key, t)) for t in set(texts)}
+
+    def _texts_for(self, negative: str, positive: str, settings: dict[str, Any]) -> tuple:
+        encoded = self._encode_texts([negative, positive], settings)
+        return encoded[negative], encoded[positive]
+
+    # ------------------------------------------------------------------ streams
+    def open_stream(
+        self,
+        prompt: str,
+        *,
+        stages: Sequence[int] = (30, 40),
+        num_inference_steps: int = 50,
+        guidance: str = "self",
+        guidance_scale: float = 1.4,
+        delta: float = 1.0,
+        negative_prompt: str = "",
+        seed: int = 0,
+        similarity_filter: Any = None,
+        stream_batch: bool = True,
+    ) -> Any:
+        """An image stream (img2img through `stages`, indices into `num_inference_steps` timesteps).
+
+        `guidance`: "none", "full" (CFG), "self" or "onetime" (residual CFG); `similarity_filter`: a
+        `SimilarityFilterConfig` (or True for eta 0.98, 10 skips at most); `stream_batch=False` runs frame by frame.
+        """
+        from .stream_filters import SimilarityFilterConfig
+        from .streams import ImageStream
+
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError("prompt must be a non-empty string")
+        if similarity_filter is True:
+            similarity_filter = SimilarityFilterConfig()
+        elif similarity_filter is not None and not isinstance(similarity_filter, SimilarityFilterConfig):
+            raise UsageError("similarity_filter must be None, True or a SimilarityFilterConfig")
+        stream = ImageStream(self, f"s{next(self._seq)}", prompt, stages=tuple(int(s) for s in stages),
+                             num_inference_steps=int(num_inference_steps), guidance=guidance,
+                             guidance_scale=guidance_scale, delta=delta, negative_prompt=negative_prompt, seed=seed,
+                             similarity_filter=similarity_filter, stream_batch=bool(stream_batch))
+        with self._cv:
+            if self._closed:
+                raise RunnerClosed("the runner is closed")
+            self._streams.append(stream)
+        return stream
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _close_stream(self, stream: Any) -> None:
+        self._wake()  # the loop thread takes it out and frees its caches
+
+    def _advance_streams(self) -> None:
+        for stream in list(self._streams):
+            if stream.closed:
+                self._streams.remove(stream)
+                stream._shutdown()
+                continue
+            if stream.has_work():
+                try:
+                    stream.advance()
+                except Exception:  # noqa: BLE001 - a broken stream closes alone
+                    logger.exception("stream %s failed; closing it", stream.id)
+                    self._streams.remove(stream)
+                    stream._shutdown()
 
     def _next_group(self) -> list[ActiveRequest]:
         """The requests that share the next forward: the group of the most urgent active request."""
