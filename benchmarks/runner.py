@@ -10,7 +10,9 @@ shape 0.5: coefficient of variation 1.4, as production serving traces show), 20 
 - caching inside the runner: the same with `digits-fast` on every request; goal: the runner keeps >= 0.9 of the
   speedup `digits-fast` has in static batches;
 - latency under load: time to first image and p50/p99 latency at 50%, 80% and 100% of the limit's throughput;
-  deadline-miss rate with and without cache tiering (requests ask for `digits-lossless` under a deadline).
+  deadline-miss rate with and without cache tiering (requests ask for `digits-lossless` under a deadline);
+- streams: frames per second with Stream Batch against frame by frame (anchor 1.5x), residual CFG against CFG
+  (anchor 2.05x), and the similarity filter on a static input.
 
     python benchmarks/runner.py --num 200 --max-batch 32 --json runs/runner.json
 """
@@ -88,6 +90,23 @@ def serve_trace(runner: Runner, prompts: list[str], seeds: list[int], arrivals: 
     }
 
 
+def stream_fps(runner: Runner, frames: list, repeats: int, **options) -> tuple[float, object]:
+    """Output frames per second of one stream fed as fast as it takes frames (each pushed once taken in)."""
+    with runner.open_stream("a handwritten 8", **options) as stream:
+        started = time.perf_counter()
+        count = 0
+        for _ in range(repeats):
+            for frame in frames:
+                before = stream.taken
+                stream.push(frame)
+                while stream.taken == before:
+                    time.sleep(0.0005)
+                count += 1
+        for _ in range(count):
+            stream.get(timeout=120)
+        return count / (time.perf_counter() - started), stream
+
+
 def max_difference(images: list, reference: list) -> int:
     return max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
                for a, b in zip(images, reference))
@@ -156,6 +175,20 @@ def main() -> None:
                                  allow_degrade=allow, label=f"tiering {'on' if allow else 'off'}")
             results["tiering"]["with_tiering" if allow else "without_tiering"] = {
                 k: v for k, v in served.items() if k != "images"}
+        # image streams: 3 stages of 50 timesteps (img2img), fed the first 8 generated digits, 10 rounds
+        inputs = uncached["images"][:8]
+        batch_fps, _ = stream_fps(runner, inputs, 10, stages=(20, 30, 40), guidance="self")
+        single_fps, _ = stream_fps(runner, inputs, 10, stages=(20, 30, 40), guidance="self", stream_batch=False)
+        cfg_fps, _ = stream_fps(runner, inputs, 10, stages=(20, 30, 40), guidance="full")
+        static_fps, filtered = stream_fps(runner, inputs[:1] * 80, 1, stages=(20, 30, 40), guidance="self",
+                                          similarity_filter=True)
+        results["streams"] = {
+            "stream_batch_fps": batch_fps, "frame_by_frame_fps": single_fps,
+            "stream_batch_speedup": batch_fps / single_fps,
+            "full_cfg_fps": cfg_fps, "rcfg_self_over_cfg": batch_fps / cfg_fps,
+            "static_input_fps": static_fps, "static_input_over_unfiltered": static_fps / batch_fps,
+            "static_input_skipped_share": filtered.skipped / filtered.taken,
+        }
         results["runner_stats"] = {k: v for k, v in runner.stats().items() if k in ("forwards", "batch_occupancy",
                                                                                     "prompt_cache")}
     finally:
@@ -176,6 +209,11 @@ def main() -> None:
         r = results["tiering"][name]
         print(f"{name} (deadline {deadline:.2f} s, 100% load): miss rate {r['deadline_miss_rate']:.2%}, "
               f"degraded {r['degraded_share']:.0%}, p99 {r['latency_p99_s']:.2f} s, plans {r['plans']}")
+    st = results["streams"]
+    print(f"streams (3 stages): Stream Batch {st['stream_batch_fps']:.1f} fps vs frame by frame "
+          f"{st['frame_by_frame_fps']:.1f} -> {st['stream_batch_speedup']:.2f}x (anchor 1.5x); RCFG self vs full CFG "
+          f"{st['rcfg_self_over_cfg']:.2f}x (anchor up to 2.05x); static input with the similarity filter "
+          f"{st['static_input_over_unfiltered']:.2f}x, {st['static_input_skipped_share']:.0%} of frames skipped")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -47,6 +47,7 @@ class _Frame:
     stage: int = 0
     stock_noise: torch.Tensor | None = None  # residual CFG's stand-in for the unconditional prediction
     received: float = 0.0
+    echoes: int = 0  # later input frames the similarity filter skipped: they get this frame's output
 
 
 class ImageStream:
@@ -142,8 +143,11 @@ class ImageStream:
             return
         self.taken += 1
         if self._filter is not None and self._filter.should_skip(pixels):
+            # answered with the output of the last frame let through, in order: now if it is out, else when it is
             self.skipped += 1
-            if self._last_output is not None:
+            if self._in_flight:
+                self._in_flight[-1].echoes += 1
+            else:
                 self._emit(self._last_output)
             return
         with torch.no_grad():
@@ -208,7 +212,8 @@ class ImageStream:
             with torch.no_grad():
                 image = self.runner.family.decode(self.pipe, frame.latents)[0]
             self._last_output = image
-            self._emit(image)
+            for _ in range(1 + frame.echoes):
+                self._emit(image)
 
     @staticmethod
     def _frame_of_key(frames: list[_Frame], key: tuple) -> _Frame:

@@ -121,3 +121,16 @@ def test_stream_errors_are_clear(runner, frames):
         stream.push(frames[0])
     with pytest.raises(StreamClosed):
         stream.get(timeout=5)
+
+
+def test_similarity_filter_under_stream_batch_keeps_one_output_per_input_in_order(runner, frames):
+    with runner.open_stream("a handwritten 8", similarity_filter=SimilarityFilterConfig(eta=0.98, max_skips=4)) \
+            as stream:
+        sequence = [frames[0]] * 6 + [frames[1]] * 6
+        for frame in sequence:
+            push_taken(stream, frame)
+        outputs = [stream.get(timeout=60) for _ in sequence]
+        assert stream.skipped >= 6  # identical inputs are skipped even while earlier frames are in flight
+    kept_first, kept_second = frame_by_frame(runner, [frames[0], frames[1]])
+    assert all(difference(o, kept_first) <= PIXEL_TOLERANCE for o in outputs[:6])
+    assert all(difference(o, kept_second) <= PIXEL_TOLERANCE for o in outputs[7:])
