@@ -60,6 +60,7 @@ CACHE_HOOK = "cachekit.cache"
 PROBE_HOOK = "cachekit.probe"  # the read-only observer of the first block's input, for runtime policies
 FIRST_INPUT = "cachekit.first_input"
 """Key in a forward's `StepRows.scratch`: `{cache key: the first block's first component input for that row}`."""
+_STATES_BEFORE = "cachekit.request_states_before"  # scratch: policy states as a declared forward began
 
 _session_ids = itertools.count()
 
@@ -385,6 +386,10 @@ class CacheSession:
         starting = rows.starting()
         if starting:
             self.release(starting)  # leftovers of an interrupted generation under the same key
+        if self.has_observers and self._explicit.get() is not None:
+            # a runner may retry this forward's rows if it fails: keep what the policies knew before it
+            states = self.request_states
+            rows.scratch[_STATES_BEFORE] = {k: dict(states[k]) for k in rows.keys if k in states}
         return rows
 
     def end(self, rows: StepRows) -> None:
@@ -393,8 +398,24 @@ class CacheSession:
             self.release(finished)
 
     def fail(self, rows: StepRows) -> None:
-        """The forward raised: its rows' caches may be half-updated, so they are freed; other requests keep theirs."""
-        self.release(rows.keys)
+        """The forward raised. A pipeline call's rows are over: their caches are freed.
+
+        Rows that the caller declared (`cachekit.rows`, the runner) stay theirs to retry or release. Their caches
+        hold only values of finished computations (a retried step stores its values again, replacing them), and
+        the runtime policies' request states are put back as they were before the forward, so a retry of the same
+        step decides and computes exactly as the failed forward would have.
+        """
+        if self._explicit.get() is None:
+            self.release(rows.keys)
+            return
+        before = rows.scratch.get(_STATES_BEFORE)
+        if before is not None:
+            states = self.request_states
+            for key in rows.keys:
+                if key in before:
+                    states[key] = before[key]
+                else:
+                    states.pop(key, None)
 
     @contextmanager
     def declare_rows(self, rows: StepRows) -> Iterator[None]:

@@ -256,9 +256,9 @@ class RowCache:
             history = entries.get(key)
             if history is None:
                 entries[key] = [(step, stored)]
-            elif depth == 1:
-                superseded.add(history[0][1], key)
-                history[0] = (step, stored)
+            elif depth == 1 or history[-1][0] == step:  # a step computed again (a retried forward) replaces
+                superseded.add(history[-1][1], key)
+                history[-1] = (step, stored)
             else:
                 history.append((step, stored))
                 if len(history) > depth:

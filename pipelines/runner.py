@@ -605,7 +605,36 @@ class Runner:
 
     def _tick(self) -> None:
         batch = self._next_group()
-        pipe, family = self.pipe, self.family
+        started = time.perf_counter()
+        try:
+            predictions = self._forward(batch)
+        except Exception:  # noqa: BLE001 - find who broke it: each request alone, so only the broken ones fail
+            logger.exception("a transformer forward of %d requests failed; retrying them one by one", len(batch))
+            predictions = self._forward_each(batch)
+            batch = [r for r in batch if r in predictions]
+            if not batch:
+                return
+        elapsed = time.perf_counter() - started
+        self._seconds_per_tick = elapsed if self._seconds_per_tick is None else \
+            0.8 * self._seconds_per_tick + 0.2 * elapsed
+        self.metrics.forward(sum(r.num_rows for r in batch))
+        self._learn_rates(batch, elapsed)
+
+        now = time.monotonic()
+        finished: list[ActiveRequest] = []
+        for request in batch:
+            try:
+                self._step(request, predictions[request], now)
+            except Exception as err:  # noqa: BLE001 - this request's own step failed: it alone fails
+                self._drop(request, err)
+                continue
+            if request.step == request.num_inference_steps:
+                finished.append(request)
+        if finished:
+            self._finish(finished)
+
+    def _forward(self, batch: list[ActiveRequest]) -> dict[ActiveRequest, torch.Tensor]:
+        """One transformer forward over every row of `batch`; each request's rows of the prediction."""
         inputs, timesteps, texts, steps, keys, counts, plans = [], [], [], [], [], [], []
         for request in batch:
             t = request.scheduler.timesteps[request.step]
@@ -617,36 +646,29 @@ class Runner:
             keys.extend(request.keys)
             counts.extend([request.num_inference_steps] * request.num_rows)
             plans.extend([request.plan] * request.num_rows)
-        started = time.perf_counter()
-        try:
-            with torch.no_grad(), cachekit.rows(pipe, steps, keys, counts, plans):
-                prediction = family.forward(pipe, torch.cat(inputs), torch.cat(timesteps), texts, batch[0].settings)
-        except Exception as err:  # noqa: BLE001 - a failed forward fails the requests in it, not the runner
-            logger.exception("a transformer forward failed")
-            for request in batch:
-                self._drop(request, err)
-            return
-        elapsed = time.perf_counter() - started
-        self._seconds_per_tick = elapsed if self._seconds_per_tick is None else \
-            0.8 * self._seconds_per_tick + 0.2 * elapsed
-        self.metrics.forward(len(keys))
-        self._learn_rates(batch, elapsed)
-
-        now = time.monotonic()
-        finished: list[ActiveRequest] = []
-        offset = 0
+        with torch.no_grad(), cachekit.rows(self.pipe, steps, keys, counts, plans):
+            prediction = self.family.forward(self.pipe, torch.cat(inputs), torch.cat(timesteps), texts,
+                                             batch[0].settings)
+        by_request, offset = {}, 0
         for request in batch:
-            rows = prediction[offset : offset + request.num_rows]
+            by_request[request] = prediction[offset : offset + request.num_rows]
             offset += request.num_rows
+        return by_request
+
+    def _forward_each(self, batch: list[ActiveRequest]) -> dict[ActiveRequest, torch.Tensor]:
+        """After a failed forward: every request alone. One that fails alone is dropped; the rest go on.
+
+        The failed forward may have stored some blocks' outputs for this step; the solo forwards run the same step
+        and store them again, so nothing of the failed attempt survives into a result.
+        """
+        predictions: dict[ActiveRequest, torch.Tensor] = {}
+        for request in batch:
             try:
-                self._step(request, rows, now)
-            except Exception as err:  # noqa: BLE001 - this request's own step failed: it alone fails
+                predictions.update(self._forward([request]))
+            except Exception as err:  # noqa: BLE001 - this request's forward fails on its own: it alone fails
+                logger.exception("request %s failed in its transformer forward", request.handle.id)
                 self._drop(request, err)
-                continue
-            if request.step == request.num_inference_steps:
-                finished.append(request)
-        if finished:
-            self._finish(finished)
+        return predictions
 
     def _learn_rates(self, batch: list[ActiveRequest], elapsed: float) -> None:
         cost = sum(r.cost / r.num_inference_steps for r in batch)

@@ -76,7 +76,7 @@ def test_a_cancelled_request_frees_its_cache_and_leaves_the_others_alone():
     assert torch.allclose(results["keep"], expected, **TOLERANCE)
 
 
-def test_a_forward_that_raises_frees_its_rows_only():
+def test_a_forward_that_raises_leaves_declared_rows_to_their_owner_and_frees_a_calls_rows():
     model = build(NAME)
     tiny = TINY_MODELS[NAME]
     scheduler = tiny.scheduler()
@@ -99,7 +99,25 @@ def test_a_forward_that_raises_frees_its_rows_only():
             with pytest.raises(TypeError):
                 model(latents, timestep=t[1:2], return_dict=False, encoder_hidden_states=None,
                       added_cond_kwargs=cond["added_cond_kwargs"])
-        assert session.cached_keys() == {"bystander"}  # the failed request's half-updated cache is gone
+        # declared rows stay the caller's: a runner retries the step or releases the request
+        assert session.cached_keys() == {"bystander", "doomed"}
+        with cachekit.rows(model, [1], ["doomed"], 6, [plan]):
+            retried = model(latents, timestep=t[1:2], return_dict=False, **cond)[0]
+        with cachekit.rows(model, [1], ["bystander"], 6, [plan]):
+            never_failed = model(latents, timestep=t[1:2], return_dict=False, **cond)[0]
+        assert torch.equal(retried, never_failed)
+        cachekit.release(model, ["doomed"])
+        assert session.cached_keys() == {"bystander"}
+
+    # a plain call's rows end with the call
+    with cachekit.cached(model, "fora:interval=3", scheduler=scheduler), torch.no_grad():
+        session = cachekit.sessions(model)[0]
+        model(latents, timestep=t[:1], return_dict=False, **cond)
+        assert len(session.cached_keys()) == 1
+        with pytest.raises(TypeError):
+            model(latents, timestep=t[:1], return_dict=False, encoder_hidden_states=None,
+                  added_cond_kwargs=cond["added_cond_kwargs"])
+        assert session.cached_keys() == set()
 
 
 def test_a_pipeline_call_ending_frees_its_own_rows_never_other_requests():

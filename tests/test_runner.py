@@ -17,6 +17,7 @@ import torch
 import cachekit
 from cachekit import zoo
 from cachekit.errors import UsageError
+from cachekit.policies.runtime import BlockSkipPolicy
 from cachekit.pipelines import PipelineCall, QueueFull, RequestCancelled, RequestFailed, Runner
 
 PIXEL_TOLERANCE = 1  # of 255
@@ -127,6 +128,27 @@ def test_a_failing_request_fails_alone(runner, solo_pipe):
     assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE
     assert live_keys(runner) == set()
     assert runner.stats()["requests"].get("failed", 0) >= 1
+
+
+class _BrokenPolicy(BlockSkipPolicy):
+    """A runtime policy that raises inside the transformer forward, from step 3 on."""
+
+    def _skip_rows(self, rows, signal):
+        if min(rows.step_list) >= 3:
+            raise RuntimeError("this policy is broken")
+        return torch.zeros(len(rows.keys), dtype=torch.bool)
+
+
+def test_a_request_whose_forward_raises_fails_alone(runner, solo_pipe):
+    mates = [runner.submit(f"a handwritten {d}", seed=d, schedule=plan)
+             for d, plan in ((2, None), (4, "digits-fast"))]
+    broken = runner.submit("a handwritten 6", seed=6, schedule=_BrokenPolicy())
+    with pytest.raises(RequestFailed, match="this policy is broken"):
+        broken.result(timeout=120)
+    for (d, plan), handle in zip(((2, None), (4, "digits-fast")), mates):
+        expected = solo(solo_pipe, f"a handwritten {d}", d, plan=plan)
+        assert max_pixel_difference(handle.result(timeout=120), expected) <= PIXEL_TOLERANCE
+    assert live_keys(runner) == set()
 
 
 # ----------------------------------------------------------------------------- limits and clean errors
