@@ -20,8 +20,10 @@ from . import cli_options as opts
 __all__ = ["main", "build_parser"]
 
 # Verbs provided by the other packages, imported only when present: `generate` and `schedule make`
-# (cachekit.pipelines), `eval` and `bench` (cachekit.eval), `calibrate`, `solve` and `search` (cachekit.search).
-_PLUGIN_MODULES = ("cachekit.pipelines.cli", "cachekit.eval.cli", "cachekit.search.cli")
+# (cachekit.pipelines), `serve` (cachekit.pipelines.server), `eval` and `bench` (cachekit.eval), `calibrate`, `solve`
+# and `search` (cachekit.search).
+_PLUGIN_MODULES = ("cachekit.pipelines.cli", "cachekit.pipelines.server.cli", "cachekit.eval.cli",
+                   "cachekit.search.cli")
 
 
 def _cmd_schedule_show(args: argparse.Namespace) -> int:

@@ -74,15 +74,20 @@ def plan_label(plan: PlanLike) -> str:
         if name not in static and name not in runtime and (plan.endswith(".json") or os.path.exists(plan)):
             return Path(plan).stem
         return plan
+    if isinstance(plan, Schedule) and (plan.provenance or {}).get("shipped_as"):
+        return str(plan.provenance["shipped_as"])
     label = getattr(plan, "label", None)
     return str(label) if label else type(plan).__name__
 
 
-def resolve_plan(plan: PlanLike, transformer: nn.Module | None = None, num_steps: int | None = None) -> Any:
+def resolve_plan(plan: PlanLike, transformer: nn.Module | None = None, num_steps: int | None = None, *,
+                 allow_files: bool = True) -> Any:
     """Turn anything that names a plan into a plan object (a `Schedule`, a policy) or None for the uncached model.
 
     With `transformer` and `num_steps`, a static policy spec becomes the concrete `Schedule`; otherwise it becomes a
     `StaticPolicyPlan` that builds one per step count. Raises `PlanError` (a `ValueError`) naming what is wrong.
+    `allow_files=False` is for text from someone who must not make this process open files (a server's client):
+    only "none", shipped names and policy specs without a calibration file are taken, never a path.
     """
     if plan is None:
         return None
@@ -100,10 +105,17 @@ def resolve_plan(plan: PlanLike, transformer: nn.Module | None = None, num_steps
     name, sep, rest = spec.partition(":")
     static, runtime = _policies()
     if name in static or name in runtime:
+        if not allow_files and "calibration" in parse_options(rest, f"{name} option"):
+            raise PlanError(f"{name}: a calibration file cannot be named here; use a shipped plan or plain options")
         return _from_policy_spec(name, rest, transformer, num_steps)
     from .zoo import shipped_schedules
 
     shipped = shipped_schedules()
+    if not allow_files:
+        if spec in shipped:
+            return Schedule.load(shipped[spec])
+        known = ", ".join(["none", *sorted(shipped), *sorted([*static, *runtime])])
+        raise PlanError(f"unknown plan {spec!r} (files are not accepted here); known: {known}")
     path = Path(spec).expanduser()
     if spec in shipped and not path.exists():
         return Schedule.load(shipped[spec])

@@ -62,6 +62,9 @@ class RunnerMetrics:
                                          registry=r)
         self.m_queue = Gauge("cachekit_queue_depth", "Requests waiting for admission", registry=r)
         self.m_active = Gauge("cachekit_active_requests", "Requests being denoised", registry=r)
+        self.m_cached = Gauge("cachekit_cached_bytes", "Bytes held in request caches, as of the last request to leave",
+                              registry=r)
+        self.m_streams = Gauge("cachekit_open_streams", "Image streams open on the runner", registry=r)
         self.m_frames = Counter("cachekit_stream_frames", "Stream frames produced", registry=r)
         self.m_frame_gap = Histogram("cachekit_stream_frame_gap_seconds", "Time between a stream's output frames",
                                      buckets=_LATENCY_BUCKETS, registry=r)
@@ -104,6 +107,12 @@ class RunnerMetrics:
     def depth(self, queued: int, active: int) -> None:
         self.m_queue.set(queued)
         self.m_active.set(active)
+
+    def held(self, cached_bytes: int, active: int, streams: int) -> None:
+        """What requests still hold, set by the loop thread whenever one leaves (so a freed cache shows at once)."""
+        self.m_cached.set(cached_bytes)
+        self.m_active.set(active)
+        self.m_streams.set(streams)
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> dict[str, Any]:

@@ -8,11 +8,12 @@ writer of a request's denoising state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 __all__ = ["RequestHandle", "RequestCancelled", "RequestFailed", "ServedRequest"]
 
 _ids = itertools.count(1)
+_FINAL = ("done", "cancelled", "failed")
 
 
 class RequestCancelled(CancelledError):
@@ -65,6 +67,7 @@ class RequestHandle:
         self._cancel = cancel
         self._history: list[dict[str, Any]] = []
         self._changed = threading.Condition()
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
         self.info: ServedRequest | None = None
 
     # ------------------------------------------------------------------ caller side
@@ -100,8 +103,30 @@ class RequestHandle:
             for event in pending:
                 seen += 1
                 yield event
-                if event["type"] in ("done", "cancelled", "failed"):
+                if event["type"] in _FINAL:
                     return
+
+    async def aevents(self) -> AsyncIterator[dict[str, Any]]:
+        """`events()` for asyncio: the same events, awaited without holding a thread per consumer."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        with self._changed:
+            backlog = list(self._history)
+            listener = (loop, inbox)
+            self._listeners.append(listener)
+        try:
+            for event in backlog:
+                yield event
+                if event["type"] in _FINAL:
+                    return
+            while True:
+                event = await inbox.get()
+                yield event
+                if event["type"] in _FINAL:
+                    return
+        finally:
+            with self._changed:
+                self._listeners.remove(listener)
 
     def add_done_callback(self, fn: Callable[["RequestHandle"], None]) -> None:
         self._future.add_done_callback(lambda _: fn(self))
@@ -111,6 +136,9 @@ class RequestHandle:
         with self._changed:
             self._history.append(event)
             self._changed.notify_all()
+            for loop, inbox in self._listeners:
+                with contextlib.suppress(RuntimeError):  # that consumer's event loop has closed
+                    loop.call_soon_threadsafe(inbox.put_nowait, event)
 
     def _finish(self, image: Any, info: ServedRequest) -> None:
         if self._future.done():
