@@ -262,6 +262,15 @@ class Runner:
         snapshot["loop_threads"] = self.loop_threads
         return snapshot
 
+    def queue_position(self, handle: RequestHandle) -> int | None:
+        """How many waiting requests go before this one (0: next in); None once it is admitted or done."""
+        with self._cv:
+            ahead = sorted(self._pending)
+        for position, (_, _, request) in enumerate(ahead):
+            if request.handle is handle:
+                return position
+        return None
+
     @property
     def prometheus_registry(self) -> Any:
         """The runner's `prometheus_client.CollectorRegistry` (what a server's /metrics exposes)."""
@@ -375,12 +384,17 @@ class Runner:
         """Take a request out of the batch now and free its rows' caches; its batch-mates go on."""
         self._active.remove(request)
         cachekit.release(self.pipe, request.keys)
+        self._report_held()
         if error is None:
             self.metrics.outcome("cancelled")
             request.handle._cancelled(why)
         else:
             self.metrics.outcome("failed")
             request.handle._fail(error)
+
+    def _report_held(self) -> None:
+        held = sum(s.cached_bytes() for s in cachekit.sessions(self.pipe))
+        self.metrics.held(held, len(self._active), len(self._streams))
 
     # ------------------------------------------------------------------ the loop
     def _configure_threads(self) -> None:
@@ -586,6 +600,7 @@ class Runner:
             if stream.closed:
                 self._streams.remove(stream)
                 stream._shutdown()
+                self._report_held()
                 continue
             if stream.has_work():
                 try:
@@ -737,6 +752,7 @@ class Runner:
                     deadline_missed=None if request.deadline is None else done > request.deadline)
                 self.metrics.served(info)
                 request.handle._finish(image, info)
+            self._report_held()
 
 
 def _is_static(plan: Any) -> bool:
