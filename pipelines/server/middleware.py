@@ -14,13 +14,14 @@ from typing import Any
 __all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "ServerMetrics"]
 
 
-async def _send_error(send: Any, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
+async def _send_error(send: Any, status: int, message: str, kind: str, headers: dict[str, str] | None = None,
+                      prefix: str = "") -> None:
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None,
                                  "retryable": False}}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": prefix + "http.response.start", "status": status, "headers": raw})
+    await send({"type": prefix + "http.response.body", "body": body})
 
 
 class ApiKeyMiddleware:
@@ -55,7 +56,11 @@ class ApiKeyMiddleware:
             return
         if scope["type"] == "websocket":
             await receive()  # the connect message
-            await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
+            if "websocket.http.response" in (scope.get("extensions") or {}):  # refuse the handshake with a 401
+                await _send_error(send, 401, "missing or wrong API key: send ?api_key=KEY or Authorization",
+                                  "authentication_error", prefix="websocket.")
+            else:
+                await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
             return
         await _send_error(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
                           "authentication_error", {"WWW-Authenticate": "Bearer"})
