@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ import uvicorn
 
 
 class LiveServer:
-    def __init__(self, app, *, startup_timeout: float = 120.0) -> None:
+    def __init__(self, app, *, startup_timeout: float = 120.0, grace_s: int = 10) -> None:
         self.app = app
         self.startup_timeout = startup_timeout
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -24,8 +25,10 @@ class LiveServer:
         self.port = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                     timeout_graceful_shutdown=10))
+        from cachekit.pipelines.server.app import DrainingServer
+
+        self._server = DrainingServer(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                     timeout_graceful_shutdown=grace_s))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -43,6 +46,6 @@ class LiveServer:
         raise TimeoutError(f"the server was not ready within {self.startup_timeout} s")
 
     def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
+        self._server.handle_exit(signal.SIGINT, None)  # what Ctrl-C does
         self._thread.join(60)
         self._socket.close()

@@ -342,3 +342,36 @@ def test_a_full_queue_answers_429_with_retry_after_and_loses_nothing_accepted():
             else:
                 assert len(response.json()["data"]) == 1
         assert httpx.get(small.url + "/healthz").status_code == 200
+
+
+def test_graceful_shutdown_finishes_or_cancels_in_flight_requests_and_logs_which(caplog):
+    import logging
+    import threading
+
+    caplog.set_level(logging.INFO, logger="cachekit.server")
+    results = {}
+    with Runner(max_batch=4) as runner:
+        live = LiveServer(create_app(runner=runner, warm=False, limits=ServerLimits(shutdown_grace_s=1)),
+                          grace_s=1)
+        with live:
+            def post(name, steps):
+                results[name] = httpx.post(live.url + API, timeout=60, json={
+                    "prompt": "a handwritten 0", "num_inference_steps": steps, "request_id": name})
+
+            threads = [threading.Thread(target=post, args=a) for a in (("quick", 10), ("slow", 100))]
+            for thread in threads:
+                thread.start()
+            while runner.stats()["active"] < 2:
+                time.sleep(0.005)
+            runner.pipe.transformer.register_forward_pre_hook(lambda *_: time.sleep(0.05))  # "slow" outlasts 1 s
+        for thread in threads:
+            thread.join(60)
+        deadline = time.monotonic() + 10  # the cancelled request leaves at the runner's next tick
+        while (runner.stats()["active"] or runner.stats()["queued"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.stats()["active"] == 0 and runner.stats()["queued"] == 0
+    assert results["quick"].status_code == 200
+    assert "slow" not in results or results["slow"].status_code != 200  # cut off at the grace period
+    log = caplog.text
+    assert "shutting down: 2 request(s) in flight (quick, slow)" in log
+    assert "shutdown: request quick finished" in log and "shutdown: request slow cancelled" in log

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import Body, FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
@@ -38,7 +39,7 @@ from .limits import ServerLimits
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, ServerMetrics
 from .schemas import ErrorBody, ImagesResponse, generation_request_model, parse_size
 
-__all__ = ["create_app", "png_base64"]
+__all__ = ["create_app", "png_base64", "DrainingServer"]
 
 logger = logging.getLogger("cachekit.server")
 STATIC = Path(__file__).parent / "static"
@@ -63,6 +64,14 @@ class _Served:
         self.draining = False
         self.inflight: dict[str, list[RequestHandle]] = {}
         self.model_id = model
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: take no new work; say what is still in flight."""
+        if self.draining:
+            return
+        self.draining = True
+        ids = sorted(self.inflight)
+        logger.info("shutting down: %d request(s) in flight%s", len(ids), f" ({', '.join(ids)})" if ids else "")
 
     def start(self) -> None:
         if self.runner is None:
@@ -165,8 +174,14 @@ def create_app(
             return EventSourceResponse(_progress(served, request_id, handles, seeds, body.preview))
         try:
             images = await _wait_or_disconnect(request, handles)
+        except asyncio.CancelledError:
+            if served.draining:
+                logger.info("shutdown: request %s cancelled", request_id)
+            raise
         finally:
             served.inflight.pop(request_id, None)
+        if served.draining:
+            logger.info("shutdown: request %s %s", request_id, "finished" if images is not None else "cancelled")
         if images is None:  # the client went away: its rows and caches are already freed
             metrics.disconnects.inc()
             return Response(status_code=499)
@@ -219,6 +234,21 @@ def create_app(
     return app
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app the moment shutdown begins.
+
+    uvicorn lets open connections finish (up to `timeout_graceful_shutdown`) before it runs the lifespan's shutdown,
+    so without this the app would hear of the shutdown only after they closed, too late to refuse new work on
+    kept-alive connections or to say which requests were finished and which cancelled.
+    """
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        served = getattr(getattr(self.config.app, "state", None), "served", None)
+        if served is not None:
+            served.begin_drain()
+        super().handle_exit(sig, frame)
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
 def _cancel_all(handles: list[RequestHandle]) -> None:
     for handle in handles:
@@ -263,6 +293,9 @@ async def _wait_or_disconnect(request: Request, handles: list[RequestHandle]) ->
         return waiting.result()
     except asyncio.CancelledError:  # the server is cancelling this handler (client gone, shutdown)
         _cancel_all(handles)
+        waiting.cancel()
+        with contextlib.suppress(BaseException):  # retrieve its outcome, so asyncio logs no lost exception
+            await waiting
         raise
 
 
@@ -336,7 +369,7 @@ async def _progress(served: _Served, request_id: str, handles: list[RequestHandl
 
 async def _shut_down(served: _Served, limits: ServerLimits) -> None:
     """Stop taking work; give in-flight requests `shutdown_grace_s` to finish, then cancel the rest; log which."""
-    served.draining = True
+    served.begin_drain()
     handles = [(rid, h) for rid, hs in list(served.inflight.items()) for h in hs]
     deadline = time.monotonic() + limits.shutdown_grace_s
     while any(not h.done() for _, h in handles) and time.monotonic() < deadline:

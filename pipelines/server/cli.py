@@ -16,7 +16,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import DrainingServer, create_app
         from .limits import ServerLimits
     except ImportError as err:
         raise UsageError(f"cachekit serve needs the serve extra ({err.name} is missing): "
@@ -32,7 +32,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.replicas != 1:
         raise UsageError("--replicas needs --ray (one runner per replica)")
     app = create_app(model=args.model, limits=limits, api_key=api_key, runner_options=runner_options)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=int(limits.shutdown_grace_s))
+    DrainingServer(config).run()
     return 0
 
 
