@@ -15,6 +15,7 @@ runner's loop thread between request forwards, so streams and requests share one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -34,6 +35,7 @@ from .stream_filters import SimilarityFilter, SimilarityFilterConfig, residual_c
 __all__ = ["ImageStream", "StreamClosed", "GUIDANCE_MODES"]
 
 GUIDANCE_MODES = ("none", "full", "self", "onetime")
+OUTBOX_FRAMES = 64  # unread output frames a stream holds; a live view wants the newest, not a backlog
 
 
 class StreamClosed(UsageError):
@@ -81,7 +83,7 @@ class ImageStream:
         self._filter = SimilarityFilter(similarity_filter, seed) if similarity_filter is not None else None
         self._texts: tuple | None = None
         self._inbox: queue.Queue = queue.Queue(maxsize=1)  # latest frame wins
-        self._outbox: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_FRAMES)  # a reader that falls behind loses the oldest
         self._in_flight: list[_Frame] = []
         self._count = 0
         self._last_output: Any = None
@@ -89,7 +91,8 @@ class ImageStream:
         self.closed = False
         self.taken = 0  # input frames taken in (skipped ones included)
         self.skipped = 0
-        self.dropped = 0
+        self.dropped = 0  # input frames replaced by a later one before they were taken
+        self.unread_dropped = 0  # output frames the caller was too slow to read
         self.batched_forwards = 0  # forwards that carried frames at more than one stage
         self._lock = threading.Lock()
 
@@ -236,14 +239,25 @@ class ImageStream:
         gap = None if self._last_output_time is None else now - self._last_output_time
         self._last_output_time = now
         self.runner.metrics.frame(gap)
-        self._outbox.put(image)
+        self._put_output(image)
+
+    def _put_output(self, item: Any) -> None:
+        """Never block the runner's loop on a slow reader: past `OUTBOX_FRAMES` unread, the oldest goes."""
+        while True:
+            try:
+                self._outbox.put_nowait(item)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._outbox.get_nowait()
+                    self.unread_dropped += 1
 
     def _shutdown(self) -> None:
         self.closed = True
         if self._in_flight:
             cachekit.release(self.pipe, [self._keys(f, b) for f in self._in_flight for b in ("uncond", "cond")])
             self._in_flight.clear()
-        self._outbox.put(None)
+        self._put_output(None)
 
 
 def _to_tensor(image: Any, pipe: Any, size: tuple[int, int]) -> torch.Tensor:

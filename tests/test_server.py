@@ -375,3 +375,43 @@ def test_graceful_shutdown_finishes_or_cancels_in_flight_requests_and_logs_which
     log = caplog.text
     assert "shutting down: 2 request(s) in flight (quick, slow)" in log
     assert "shutdown: request quick finished" in log and "shutdown: request slow cancelled" in log
+
+
+def test_misbehaving_clients_cannot_stall_the_others(server, client):
+    """A stream that floods frames, one that sends a huge frame and one that never reads its output, all open
+    while another client's request is served and a well-behaved stream gets its frames back."""
+    from websockets.sync.client import connect
+
+    frames = digit_frames(2)
+    huge = b"\x89PNG" + bytes(3 * 1024 * 1024)
+    with connect(server.ws_url + "/v1/stream", open_timeout=30, max_size=None) as flood, \
+            connect(server.ws_url + "/v1/stream", open_timeout=30) as never_reads, \
+            connect(server.ws_url + "/v1/stream", open_timeout=30) as polite:
+        for socket in (flood, never_reads, polite):
+            socket.send(json.dumps({"prompt": "a handwritten 2"}))
+            assert json.loads(socket.recv(timeout=30))["type"] == "ready"
+        flood.send(huge)
+        for _ in range(200):  # far over 30 frames per second
+            flood.send(frames[0])
+        for _ in range(100):
+            never_reads.send(frames[1])
+        response = client.post(API, json={"prompt": "a handwritten 4", "n": 2, "num_inference_steps": 10})
+        assert response.status_code == 200
+        assert recognise(as_tensor([decode(d["b64_json"]) for d in response.json()["data"]])).tolist() == [4, 4]
+        polite.send(frames[0])
+        while isinstance(reply := polite.recv(timeout=60), str):  # skip notices, if any
+            pass
+        assert Image.open(io.BytesIO(reply)).size == (16, 16)
+        notices = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (any("over the limit" in n for n in notices)
+                                                   and any("frames per second" in n for n in notices)):
+            message = flood.recv(timeout=30)
+            if isinstance(message, str):
+                notices.append(json.loads(message)["message"])
+        assert any("frames per second" in n for n in notices), notices
+        assert any("bytes, over the limit of" in n for n in notices), notices
+    assert wait_until_idle(client)
+    text = client.get("/metrics").text
+    assert metric(text, "cachekit_ws_frames_total", 'kind="dropped_rate"') > 0
+    assert metric(text, "cachekit_ws_frames_total", 'kind="rejected"') >= 1

@@ -134,3 +134,18 @@ def test_similarity_filter_under_stream_batch_keeps_one_output_per_input_in_orde
     kept_first, kept_second = frame_by_frame(runner, [frames[0], frames[1]])
     assert all(difference(o, kept_first) <= PIXEL_TOLERANCE for o in outputs[:6])
     assert all(difference(o, kept_second) <= PIXEL_TOLERANCE for o in outputs[7:])
+
+
+def test_a_reader_that_falls_behind_loses_the_oldest_frames_not_the_runner(runner, frames, monkeypatch):
+    from cachekit.pipelines import streams
+
+    monkeypatch.setattr(streams, "OUTBOX_FRAMES", 2)
+    with runner.open_stream("a handwritten 8", stream_batch=False) as stream:
+        for frame in frames:  # five in, none read
+            push_taken(stream, frame)
+        deadline = time.monotonic() + 60
+        while stream.unread_dropped < len(frames) - 2:
+            assert time.monotonic() < deadline, "the runner stalled on a full outbox"
+            time.sleep(0.01)
+        newest = [stream.get(timeout=10), stream.get(timeout=10)]
+    assert difference(newest[-1], frame_by_frame(runner, frames)[-1]) <= 1  # the newest frame, not a stale one

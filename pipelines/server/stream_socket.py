@@ -5,8 +5,10 @@ The protocol, all JSON text messages but the frames:
     server -> {"type": "ready", "stream_id": ..., "width": W, "height": H, "max_frames_per_s": F}
     client -> binary frames (any size: they are resized to the model's), as fast as it likes
     server -> binary PNG frames as they finish, in order; {"type": "error", "message", "retryable"} for a bad frame
+    client -> {"type": "close"} (or just closing the socket) ends the stream and frees its state
 A frame over the size or rate limits is dropped with an error message; the stream goes on. The runner keeps only
-the latest waiting frame of a stream, so a client flooding frames costs the others nothing.
+the latest waiting frame of a stream, so a client flooding frames costs the others nothing, and at most
+`OUTBOX_FRAMES` unread outputs (the oldest go first), so a client that never reads costs nothing either.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def _decode_frame(data: bytes, limits: ServerLimits, size: tuple[int, int]) -> A
         raise UsageError(f"frame is not a readable PNG or JPEG image ({type(err).__name__})") from None
     height, width = size
     return image if image.size == (width, height) else image.resize((width, height), Image.BILINEAR)
+
+
+def _is_close(text: str) -> bool:
+    """`{"type": "close"}`: the client is done sending and wants the stream closed cleanly."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "close"
 
 
 def add_stream_route(app: FastAPI, served: Any, limits: ServerLimits, metrics: Any,
@@ -108,8 +119,7 @@ def add_stream_route(app: FastAPI, served: Any, limits: ServerLimits, metrics: A
                     break
                 data = message.get("bytes")
                 if data is None:
-                    text = message.get("text") or ""
-                    if text.strip() == '{"type": "close"}' or text.strip() == '{"type":"close"}':
+                    if _is_close(message.get("text") or ""):
                         break
                     await socket.send_json({"type": "error", "message": "send frames as binary messages",
                                             "retryable": False})
