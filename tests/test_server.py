@@ -22,12 +22,11 @@ from PIL import Image
 from cachekit import zoo
 from cachekit.pipelines import PipelineCall, Runner
 from cachekit.zoo.digits_classifier import recognise
-from live_server import LiveServer
 
 fastapi = pytest.importorskip("fastapi")
 websockets = pytest.importorskip("websockets")
 
-from cachekit.pipelines.server import ServerLimits, create_app  # noqa: E402
+from cachekit.pipelines.server import ServerLimits, ServerThread, create_app  # noqa: E402
 
 PIXEL_TOLERANCE = 1  # of 255
 API = "/v1/images/generations"
@@ -35,7 +34,7 @@ API = "/v1/images/generations"
 
 @pytest.fixture(scope="module")
 def server():
-    with Runner(max_batch=16) as runner, LiveServer(create_app(runner=runner)) as live:
+    with Runner(max_batch=16) as runner, ServerThread(create_app(runner=runner)) as live:
         live.runner = runner
         yield live
 
@@ -304,7 +303,7 @@ def test_an_api_key_guards_every_endpoint_but_healthz(server):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    with LiveServer(create_app(runner=server.runner, api_key="sesame", warm=False)) as guarded:
+    with ServerThread(create_app(runner=server.runner, api_key="sesame", warm=False)) as guarded:
         with httpx.Client(base_url=guarded.url, timeout=120) as http:
             assert http.get("/healthz").status_code == 200
             for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/v1/stats"),
@@ -332,7 +331,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_loses_nothing_accepted():
                                                                "num_inference_steps": 10})
                                           for i in range(12)))
 
-    with Runner(max_batch=2, max_queue=2) as runner, LiveServer(create_app(runner=runner, warm=False)) as small:
+    with Runner(max_batch=2, max_queue=2) as runner, ServerThread(create_app(runner=runner, warm=False)) as small:
         responses = asyncio.run(burst(small.url))
         statuses = [r.status_code for r in responses]
         assert statuses.count(429) >= 1 and statuses.count(200) >= 2 and set(statuses) <= {200, 429}
@@ -351,7 +350,7 @@ def test_graceful_shutdown_finishes_or_cancels_in_flight_requests_and_logs_which
     caplog.set_level(logging.INFO, logger="cachekit.server")
     results = {}
     with Runner(max_batch=4) as runner:
-        live = LiveServer(create_app(runner=runner, warm=False, limits=ServerLimits(shutdown_grace_s=1)),
+        live = ServerThread(create_app(runner=runner, warm=False, limits=ServerLimits(shutdown_grace_s=1)),
                           grace_s=1)
         with live:
             def post(name, steps):

@@ -30,9 +30,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cachekit.pipelines import Runner  # noqa: E402
-from cachekit.pipelines.server import create_app  # noqa: E402
+from cachekit.pipelines.server import ServerThread, create_app  # noqa: E402
 from cachekit.zoo.digits_classifier import recognise  # noqa: E402
-from live_server import LiveServer  # noqa: E402
 
 KEY = "sesame"
 WAIT_MS = 30_000
@@ -44,7 +43,7 @@ SERIES_COLORS = {"images": (0x25, 0x63, 0xEB), "p50": (0xD9, 0x77, 0x06), "p99":
 @pytest.fixture(scope="module")
 def server_url():
     """A live uvicorn on a loopback port over a runner of the digits model, behind an API key; its URL."""
-    with Runner(max_batch=8) as runner, LiveServer(create_app(runner=runner, api_key=KEY)) as live:
+    with Runner(max_batch=8) as runner, ServerThread(create_app(runner=runner, api_key=KEY)) as live:
         yield live.url
 
 

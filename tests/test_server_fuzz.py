@@ -9,13 +9,12 @@ import httpx
 import pytest
 
 from cachekit.pipelines import Runner
-from live_server import LiveServer
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-from cachekit.pipelines.server import ServerLimits, create_app  # noqa: E402
+from cachekit.pipelines.server import ServerLimits, ServerThread, create_app  # noqa: E402
 
 LIMITS = ServerLimits(max_n=2, max_steps=4, max_side=32, max_prompt_chars=64)
 
@@ -23,7 +22,7 @@ LIMITS = ServerLimits(max_n=2, max_steps=4, max_side=32, max_prompt_chars=64)
 @pytest.fixture(scope="module")
 def server():
     with Runner(max_batch=8, max_queue=64) as runner, \
-            LiveServer(create_app(runner=runner, limits=LIMITS, warm=False)) as live:
+            ServerThread(create_app(runner=runner, limits=LIMITS, warm=False)) as live:
         yield live
 
 

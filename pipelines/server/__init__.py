@@ -8,7 +8,7 @@ Imported lazily, so `cachekit serve --help` works, and says what to install, wit
 
 from typing import Any
 
-__all__ = ["create_app", "ServerLimits"]
+__all__ = ["create_app", "ServerLimits", "ServerThread"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from .limits import ServerLimits
 
         return ServerLimits
+    if name == "ServerThread":
+        from .thread import ServerThread
+
+        return ServerThread
     raise AttributeError(name)
