@@ -18,7 +18,8 @@ import torch
 from cachekit.compat import execution_device
 from cachekit.errors import UsageError
 
-__all__ = ["TextConditioning", "PipelineFamily", "PixArtFamily", "register_family", "family_of", "family_names"]
+__all__ = ["TextConditioning", "PipelineFamily", "StockFamily", "PixArtFamily", "StableDiffusion3Family",
+           "fresh_scheduler", "register_family", "family_of", "family_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +28,11 @@ class TextConditioning:
 
     embeds: torch.Tensor
     mask: torch.Tensor | None
+    pooled: torch.Tensor | None = None  # a pooled text embedding (SD3's, FLUX's `pooled_projections`)
 
     @property
     def nbytes(self) -> int:
-        return self.embeds.numel() * self.embeds.element_size() + (0 if self.mask is None else self.mask.numel() * self.mask.element_size())
+        return sum(t.numel() * t.element_size() for t in (self.embeds, self.mask, self.pooled) if t is not None)
 
 
 class PipelineFamily(Protocol):
@@ -47,36 +49,121 @@ class PipelineFamily(Protocol):
     def group_key(self, settings: dict[str, Any]) -> tuple:
         """Requests with equal keys can share a forward (same latent shape and text length)."""
 
+    def text_key(self, settings: dict[str, Any]) -> tuple:
+        """The settings that change a text's embeddings (the prompt LRU's key, besides the text)."""
+
     def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
         """Embeddings of distinct texts, in one text-encoder call."""
 
     def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
         """The request's starting noise, drawn exactly as the stock pipeline draws it for a batch of one."""
 
+    def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
+        """A request's own scheduler, its timesteps set as the stock call sets them (shift `mu`, sigmas)."""
+
+    def extra_step_kwargs(self, pipe: Any, generator: torch.Generator) -> dict[str, Any]:
+        """What the stock loop passes to `scheduler.step` besides the prediction, timestep and latents."""
+
+    def model_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The transformer's input rows for latents at timestep t (the scheduler's input scaling, if any)."""
+
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
         """The transformer's prediction for every row (learned-sigma channels dropped)."""
+
+    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """The clean-image estimate after a step (`latents` already stepped, `prediction` guided); None if unknown."""
 
     def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
         """Finished latents of any number of requests to PIL images, in one VAE call."""
 
 
-class PixArtFamily:
+def fresh_scheduler(scheduler: Any, num_steps: int, device: torch.device, **set_timesteps: Any) -> Any:
+    """A request's own scheduler: the pipeline's configuration, its own step state."""
+    own = type(scheduler).from_config(scheduler.config)
+    own.set_timesteps(num_steps, device=device, **set_timesteps)
+    if hasattr(own, "set_begin_index"):
+        own.set_begin_index(0)
+    return own
+
+
+class StockFamily:
+    """Defaults for an adapter: a noise-prediction (DDPM-style) scheduler, no step kwargs, no image streams."""
+
+    name = "stock"
+    supports_streams = False  # `Runner.open_stream` needs a DDPM-style scheduler (alphas_cumprod)
+
+    def text_key(self, settings: dict[str, Any]) -> tuple:
+        return ()
+
+    def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
+        return fresh_scheduler(pipe.scheduler, num_steps, device)
+
+    def extra_step_kwargs(self, pipe: Any, generator: torch.Generator) -> dict[str, Any]:
+        return {}
+
+    def model_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale = getattr(scheduler, "scale_model_input", None)
+        return latents if scale is None else scale(latents, t)
+
+    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        alphas = getattr(scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            return None
+        a = alphas[int(t)].to(prediction.device, prediction.dtype)
+        return (latents - (1 - a).sqrt() * prediction) / a.sqrt()
+
+
+class _FlowMatching:
+    """Flow-matching pieces (FlowMatchEulerDiscreteScheduler): the stock call's shift `mu`, x0 = x - sigma * v."""
+
+    def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
+        config = pipe.scheduler.config
+        kwargs = {}
+        if config.get("use_dynamic_shifting", None):
+            kwargs["mu"] = self.shift_mu(pipe, settings)
+        return fresh_scheduler(pipe.scheduler, num_steps, device, **kwargs)
+
+    def image_seq_len(self, pipe: Any, settings: dict[str, Any]) -> int:
+        patch = pipe.transformer.config.patch_size
+        return (settings["height"] // pipe.vae_scale_factor // patch) * (settings["width"] // pipe.vae_scale_factor // patch)
+
+    def shift_mu(self, pipe: Any, settings: dict[str, Any]) -> float:
+        config = pipe.scheduler.config
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+        m = (max_shift - base_shift) / (max_len - base_len)
+        return self.image_seq_len(pipe, settings) * m + (base_shift - m * base_len)
+
+    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
+        if sigmas is None or index is None:
+            return None
+        sigma = sigmas[index].to(prediction.device, prediction.dtype)  # the stepped latents' sigma
+        return latents - sigma * prediction
+
+
+def _resolution(pipe: Any, merged: dict[str, Any], default_size: int) -> tuple[int, int]:
+    height = int(merged.get("height") or default_size)
+    width = int(merged.get("width") or default_size)
+    factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+    return height, width
+
+
+class PixArtFamily(StockFamily):
     """PixArt-Alpha and PixArt-Sigma (and the bundled digits model, a tiny PixArt-Alpha)."""
 
     name = "pixart"
+    supports_streams = True
     _TEXT_SETTINGS = ("max_sequence_length", "clean_caption")
 
     def settings(self, pipe: Any, overrides: dict[str, Any]) -> dict[str, Any]:
         from .call import model_call_defaults
 
         merged = {**model_call_defaults(pipe), **overrides}
-        default_size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-        height = int(merged.get("height") or default_size)
-        width = int(merged.get("width") or default_size)
-        factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        height, width = _resolution(pipe, merged, pipe.transformer.config.sample_size * pipe.vae_scale_factor)
         return {"height": height, "width": width,
                 "max_sequence_length": int(merged.get("max_sequence_length", 120)),
                 "clean_caption": bool(merged.get("clean_caption", False))}
@@ -87,6 +174,12 @@ class PixArtFamily:
 
     def group_key(self, settings: dict[str, Any]) -> tuple:
         return (settings["height"], settings["width"], settings["max_sequence_length"])
+
+    def text_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["max_sequence_length"], settings["clean_caption"])
+
+    def extra_step_kwargs(self, pipe: Any, generator: torch.Generator) -> dict[str, Any]:
+        return pipe.prepare_extra_step_kwargs(generator, 0.0)
 
     def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
         embeds, mask, _, _ = pipe.encode_prompt(
@@ -122,6 +215,53 @@ class PixArtFamily:
         return pipe.image_processor.postprocess(images, output_type="pil")
 
 
+class StableDiffusion3Family(_FlowMatching, StockFamily):
+    """Stable Diffusion 3 and 3.5 (`StableDiffusion3Pipeline`): two CLIP encoders and T5 (or its zeros when the
+    pipeline has no `text_encoder_3`), pooled projections, flow matching, CFG as two rows."""
+
+    name = "sd3"
+
+    def settings(self, pipe: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+        from .call import model_call_defaults
+
+        merged = {**model_call_defaults(pipe), **overrides}
+        height, width = _resolution(pipe, merged, pipe.default_sample_size * pipe.vae_scale_factor)
+        return {"height": height, "width": width, "max_sequence_length": int(merged.get("max_sequence_length", 256))}
+
+    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return dict(settings)
+
+    def group_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["height"], settings["width"], settings["max_sequence_length"])
+
+    def text_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["max_sequence_length"],)
+
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
+        # a negative prompt is encoded like a positive one in the stock call (clip_skip None)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=list(texts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            device=execution_device(pipe), max_sequence_length=settings["max_sequence_length"])
+        return [TextConditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(texts))]
+
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+        encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer
+        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
+                                    encoder.dtype, execution_device(pipe), generator)
+
+    def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
+                texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
+        return pipe.transformer(
+            hidden_states=latents, timestep=timesteps.to(latents.device),
+            encoder_hidden_states=torch.cat([t.embeds for t in texts]),
+            pooled_projections=torch.cat([t.pooled for t in texts]), return_dict=False)[0]
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        images = pipe.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type="pil")
+
+
 _FAMILIES: dict[str, Callable[[], PipelineFamily]] = {}
 
 
@@ -145,3 +285,4 @@ def family_of(pipe: Any) -> PipelineFamily:
 
 
 register_family(("PixArtAlphaPipeline", "PixArtSigmaPipeline"), PixArtFamily)
+register_family(("StableDiffusion3Pipeline",), StableDiffusion3Family)

@@ -203,7 +203,8 @@ class Runner:
         from .call import model_call_defaults
 
         if guidance_scale is None:
-            guidance_scale = float(model_call_defaults(self.pipe).get("guidance_scale", 4.5))
+            guidance_scale = float(model_call_defaults(self.pipe).get(
+                "guidance_scale", _stock_default(self.pipe, "guidance_scale", 4.5)))
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not 0.0 <= float(guidance_scale) <= 100.0:
             raise UsageError(f"guidance_scale must be a number from 0 to 100, got {guidance_scale!r}")
@@ -529,15 +530,15 @@ class Runner:
             request.generator = torch.Generator("cpu").manual_seed(request.seed)
             with torch.no_grad():
                 request.latents = self.family.initial_latents(self.pipe, request.generator, request.settings)
-            request.scheduler = _fresh_scheduler(self.pipe.scheduler, request.num_inference_steps,
-                                                 request.latents.device)
-            request.extra_step_kwargs = self.pipe.prepare_extra_step_kwargs(request.generator, 0.0)
+            request.scheduler = self.family.scheduler(self.pipe, request.num_inference_steps, request.settings,
+                                                      request.latents.device)
+            request.extra_step_kwargs = self.family.extra_step_kwargs(self.pipe, request.generator)
             request.handle._emit({"type": "started", "request_id": request.handle.id,
                                   "queue_wait_s": now - request.submitted})
 
     def _encode_texts(self, texts: Sequence[str], settings: dict[str, Any]) -> dict[str, TextConditioning]:
         """Embeddings of these texts: the LRU's, and the missing ones in one text-encoder call."""
-        text_key = (settings["max_sequence_length"], settings["clean_caption"])
+        text_key = self.family.text_key(settings)
         missing = sorted({t for t in texts if (*text_key, t) not in self._prompts})
         if missing:
             with torch.no_grad():
@@ -572,6 +573,9 @@ class Runner:
         from .stream_filters import SimilarityFilterConfig
         from .streams import ImageStream
 
+        if not getattr(self.family, "supports_streams", False):
+            raise UsageError(f"image streams need a DDPM-style scheduler; the runner serves them for PixArt "
+                             f"pipelines, not {type(self.pipe).__name__} (its requests work as usual)")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UsageError("prompt must be a non-empty string")
         if similarity_filter is True:
@@ -654,7 +658,7 @@ class Runner:
         for request in batch:
             t = request.scheduler.timesteps[request.step]
             doubled = torch.cat([request.latents] * request.num_rows)
-            inputs.append(request.scheduler.scale_model_input(doubled, t))
+            inputs.append(self.family.model_input(request.scheduler, doubled, t))
             timesteps.append(t.reshape(1).expand(request.num_rows))
             texts.extend(request.texts)
             steps.extend([request.step] * request.num_rows)
@@ -716,13 +720,9 @@ class Runner:
 
     def _preview(self, request: ActiveRequest, noise: torch.Tensor, t: torch.Tensor) -> Any:
         """The current x0 prediction, decoded: what the image is becoming."""
-        alphas = getattr(request.scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            return None
-        a = alphas[int(t)].to(noise.device, noise.dtype)
         with torch.no_grad():
-            x0 = (request.latents - (1 - a).sqrt() * noise) / a.sqrt()
-            return self.family.decode(self.pipe, x0)[0]
+            x0 = self.family.x0(request.scheduler, request.latents, noise, t)
+            return None if x0 is None else self.family.decode(self.pipe, x0)[0]
 
     def _finish(self, finished: list[ActiveRequest]) -> None:
         """Decode finished requests in one VAE call per latent shape and hand out their images."""
@@ -760,10 +760,14 @@ def _is_static(plan: Any) -> bool:
     return isinstance(plan, Schedule) or hasattr(plan, "schedule_for")
 
 
-def _fresh_scheduler(scheduler: Any, num_steps: int, device: torch.device) -> Any:
-    """A request's own scheduler: the pipeline's configuration, its own step state."""
-    own = type(scheduler).from_config(scheduler.config)
-    own.set_timesteps(num_steps, device=device)
-    if hasattr(own, "set_begin_index"):
-        own.set_begin_index(0)
-    return own
+def _stock_default(pipe: Any, name: str, fallback: Any) -> Any:
+    """The default of one of the pipeline's `__call__` arguments (the stock call's, e.g. its guidance scale)."""
+    import inspect
+
+    try:
+        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return fallback
+    if parameter is None or parameter.default is inspect.Parameter.empty or parameter.default is None:
+        return fallback
+    return parameter.default

@@ -331,3 +331,48 @@ class TinyLoopEvaluator:
             self.calls += 1
             out.append(Fitness(capped_psnr(self._images(schedule), self.reference), self.profile.predict(schedule)))
         return out
+
+
+def _tiny_clip_tokenizer(model_max_length: int = 16):
+    """A CLIP-style word tokenizer over the caption words: <bos> ... <eos>, padded with <pad>."""
+    from cachekit.zoo._text import build_word_tokenizer
+
+    return build_word_tokenizer(["<pad>", "<bos>", "<unk>", "<eos>"], eos="<eos>", pad="<pad>", unk="<unk>",
+                                bos="<bos>", model_max_length=model_max_length)
+
+
+def _tiny_clip_with_projection(tokenizer, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, projection_dim=32, max_position_embeddings=tokenizer.model_max_length,
+                            hidden_act="gelu", layer_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_pipeline():
+    """A stock StableDiffusion3Pipeline from tiny configs: two CLIP encoders (pooled 32 + 32), no T5 (its zeros),
+    a two-block SD3 transformer on 8x8x4 latents, a VAE with SD3's scaling and shift, flow-matching Euler."""
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = _tiny_clip_tokenizer(), _tiny_clip_tokenizer()
+    text_encoder = _tiny_clip_with_projection(tokenizer, 1)
+    text_encoder_2 = _tiny_clip_with_projection(tokenizer_2, 2)
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4,
+    ).eval()
+    torch.manual_seed(3)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=1.5035,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

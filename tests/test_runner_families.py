@@ -1,0 +1,97 @@
+"""The runner on families other than the bundled PixArt: real stock pipelines built from tiny configs (random
+weights, no download), a live loop thread, real schedulers.
+
+Every result is compared with the same request as a solo stock pipeline call (`PipelineCall`) with the same prompt,
+seed, steps, guidance and plan. Tolerance: at most 1 of 255 on every uint8 pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cachekit
+from cachekit.errors import UsageError
+from cachekit.pipelines import PipelineCall, Runner
+from cachekit.pipelines.families import StableDiffusion3Family, family_of
+from tiny_models import tiny_sd3_pipeline
+
+PIXEL_TOLERANCE = 1  # of 255
+
+
+def max_pixel_difference(a, b) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def solo(pipe, prompt, seed, steps, guidance, plan=None, negative=""):
+    kwargs = {"guidance_scale": guidance}
+    if negative:
+        kwargs["negative_prompt"] = negative
+    return PipelineCall([prompt], num_inference_steps=steps, seeds=(seed,), kwargs=kwargs, output_type="pil",
+                        model_defaults=False)(pipe, plan=plan)[0]
+
+
+def wait_for_step(handle, step: int) -> None:
+    for event in handle.events(timeout=120):
+        if event["type"] == "step" and event["step"] >= step:
+            return
+    raise AssertionError(f"{handle.id} ended before step {step}")
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    return tiny_sd3_pipeline()
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion 3
+SD3_REQUESTS = [
+    dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=5.0, schedule=None),
+    dict(prompt="the digit 7", seed=11, num_inference_steps=4, guidance_scale=3.0, schedule=None,
+         negative_prompt="blurry"),
+    dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=5.0, schedule="fora:interval=2"),
+    dict(prompt="a handwritten 8", seed=3, num_inference_steps=4, guidance_scale=1.0, schedule="fora:interval=2"),
+]
+
+
+def test_sd3_mixed_requests_in_one_runner_match_solo_calls(sd3_pipe):
+    assert isinstance(family_of(sd3_pipe), StableDiffusion3Family)
+    with Runner(sd3_pipe, max_batch=8) as runner:
+        first = runner.submit(**SD3_REQUESTS[0])
+        wait_for_step(first, 2)  # the others join a request already mid-denoise
+        handles = [first] + [runner.submit(**r) for r in SD3_REQUESTS[1:]]
+        images = [h.result(timeout=300) for h in handles]
+        forwards = runner.stats()["forwards"]
+        assert set().union(*(s.cached_keys() for s in cachekit.sessions(sd3_pipe))) == set()
+    assert forwards < sum(r["num_inference_steps"] for r in SD3_REQUESTS)  # they shared forwards
+    assert cachekit.sessions(sd3_pipe) == []  # the runner took cachekit off on close
+    for request, handle, image in zip(SD3_REQUESTS, handles, images):
+        expected = solo(sd3_pipe, request["prompt"], request["seed"], request["num_inference_steps"],
+                        request["guidance_scale"], request["schedule"], request.get("negative_prompt", ""))
+        assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE, request
+        assert handle.info.steps_computed == request["num_inference_steps"]
+    assert handles[2].info.reused_share > 0
+    assert max_pixel_difference(images[0], images[2]) > PIXEL_TOLERANCE  # the plan changed the image
+
+
+def test_sd3_default_guidance_is_the_stock_call_default_and_previews_decode(sd3_pipe):
+    with Runner(sd3_pipe, max_batch=4, preview=True) as runner:
+        handle = runner.submit("a handwritten 5", seed=2, num_inference_steps=4)
+        events = list(handle.events(timeout=300))
+        image = handle.result()
+        with pytest.raises(UsageError, match="image streams"):
+            runner.open_stream("a handwritten 5")
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(e["preview"].size == image.size for e in steps)
+    # the last preview is x0 at sigma 0: the finished image itself
+    assert max_pixel_difference(steps[-1]["preview"], image) <= PIXEL_TOLERANCE
+    expected = PipelineCall(["a handwritten 5"], num_inference_steps=4, seeds=(2,), output_type="pil",
+                            model_defaults=False)(sd3_pipe)[0]  # guidance 7.0, StableDiffusion3Pipeline's default
+    assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE
+
+
+def test_a_pipeline_without_an_adapter_gets_a_one_line_error():
+    with pytest.raises(UsageError, match="no adapter for Linear") as err:
+        Runner(torch.nn.Linear(1, 1))
+    assert "\n" not in str(err.value) and "StableDiffusion3Pipeline" in str(err.value)
