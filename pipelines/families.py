@@ -18,7 +18,7 @@ import torch
 from cachekit.compat import execution_device
 from cachekit.errors import UsageError
 
-__all__ = ["TextConditioning", "PipelineFamily", "StockFamily", "PixArtFamily", "StableDiffusion3Family",
+__all__ = ["TextConditioning", "PipelineFamily", "StockFamily", "PixArtFamily", "StableDiffusion3Family", "SanaFamily",
            "fresh_scheduler", "register_family", "family_of", "family_names"]
 
 
@@ -52,8 +52,10 @@ class PipelineFamily(Protocol):
     def text_key(self, settings: dict[str, Any]) -> tuple:
         """The settings that change a text's embeddings (the prompt LRU's key, besides the text)."""
 
-    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
-        """Embeddings of distinct texts, in one text-encoder call."""
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+               negative: bool = False) -> list[TextConditioning]:
+        """Embeddings of distinct texts, in one text-encoder call. `negative=True` (asked only of a family with
+        `negatives_apart`) encodes them as the stock call encodes negative prompts."""
 
     def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
         """The request's starting noise, drawn exactly as the stock pipeline draws it for a batch of one."""
@@ -92,6 +94,7 @@ class StockFamily:
 
     name = "stock"
     supports_streams = False  # `Runner.open_stream` needs a DDPM-style scheduler (alphas_cumprod)
+    negatives_apart = False  # True: the stock call encodes a negative prompt differently from the same positive one
 
     def text_key(self, settings: dict[str, Any]) -> tuple:
         return ()
@@ -262,6 +265,91 @@ class StableDiffusion3Family(_FlowMatching, StockFamily):
         return pipe.image_processor.postprocess(images, output_type="pil")
 
 
+class SanaFamily(_FlowMatching, StockFamily):
+    """Sana (`SanaPipeline`): Gemma2 text embeddings with a mask, the complex human instruction before positive
+    prompts only (negatives are encoded without it), a flow-prediction scheduler, timestep_scale, CFG as two rows."""
+
+    name = "sana"
+    negatives_apart = True
+
+    @staticmethod
+    def _stock_instruction(pipe: Any) -> tuple[str, ...]:
+        import inspect
+
+        parameter = inspect.signature(type(pipe).__call__).parameters.get("complex_human_instruction")
+        default = None if parameter is None else parameter.default
+        return tuple(default) if isinstance(default, (list, tuple)) else ()
+
+    def settings(self, pipe: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+        import math
+
+        from .call import model_call_defaults
+
+        merged = {**model_call_defaults(pipe), **overrides}
+        default_size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        height = int(merged.get("height") or default_size)
+        width = int(merged.get("width") or default_size)
+        factor = math.lcm(32, pipe.vae_scale_factor * pipe.transformer.config.patch_size)  # SanaPipeline wants 32
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        instruction = merged.get("complex_human_instruction", self._stock_instruction(pipe))
+        return {"height": height, "width": width,
+                "max_sequence_length": int(merged.get("max_sequence_length", 300)),
+                "clean_caption": bool(merged.get("clean_caption", False)),
+                "complex_human_instruction": tuple(instruction or ())}
+
+    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        # the runner serves exactly the requested size: resolution binning would resize it
+        return {**settings, "complex_human_instruction": list(settings["complex_human_instruction"]),
+                "use_resolution_binning": False}
+
+    def group_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["height"], settings["width"], settings["max_sequence_length"])
+
+    def text_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["max_sequence_length"], settings["clean_caption"], settings["complex_human_instruction"])
+
+    def extra_step_kwargs(self, pipe: Any, generator: torch.Generator) -> dict[str, Any]:
+        return pipe.prepare_extra_step_kwargs(generator, 0.0)
+
+    def model_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return latents  # the stock loop does not scale the model input
+
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+               negative: bool = False) -> list[TextConditioning]:
+        if negative:  # what encode_prompt does for the negative prompt: no instruction, no index selection
+            embeds, mask = pipe._get_gemma_prompt_embeds(
+                list(texts), device=execution_device(pipe), dtype=pipe.text_encoder.dtype,
+                clean_caption=settings["clean_caption"], max_sequence_length=settings["max_sequence_length"],
+                complex_human_instruction=False)
+        else:
+            embeds, mask, _, _ = pipe.encode_prompt(
+                list(texts), do_classifier_free_guidance=False, device=execution_device(pipe),
+                clean_caption=settings["clean_caption"], max_sequence_length=settings["max_sequence_length"],
+                complex_human_instruction=list(settings["complex_human_instruction"]))
+        return [TextConditioning(embeds[i : i + 1], mask[i : i + 1]) for i in range(len(texts))]
+
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
+                                    torch.float32, execution_device(pipe), generator)
+
+    def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
+                texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
+        transformer = pipe.transformer
+        dtype = transformer.dtype
+        prediction = transformer(
+            latents.to(dtype), encoder_hidden_states=torch.cat([t.embeds for t in texts]).to(dtype),
+            encoder_attention_mask=torch.cat([t.mask for t in texts]),
+            timestep=timesteps.to(latents.device) * transformer.config.timestep_scale, return_dict=False)[0].float()
+        if transformer.config.out_channels // 2 == transformer.config.in_channels:  # learned sigma
+            prediction = prediction.chunk(2, dim=1)[0]
+        return prediction
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
+        images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type="pil")
+
+
 _FAMILIES: dict[str, Callable[[], PipelineFamily]] = {}
 
 
@@ -286,3 +374,4 @@ def family_of(pipe: Any) -> PipelineFamily:
 
 register_family(("PixArtAlphaPipeline", "PixArtSigmaPipeline"), PixArtFamily)
 register_family(("StableDiffusion3Pipeline",), StableDiffusion3Family)
+register_family(("SanaPipeline",), SanaFamily)

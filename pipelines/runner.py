@@ -520,11 +520,16 @@ class Runner:
         for request in admitted:
             by_group[request.group].append(request)
         for requests in by_group.values():
-            wanted = [t for r in requests for t in ((r.negative_prompt, r.prompt) if r.cfg else (r.prompt,))]
-            encoded = self._encode_texts(wanted, requests[0].settings)
+            settings = requests[0].settings
+            if getattr(self.family, "negatives_apart", False):  # negatives encode differently: their own call
+                positives = self._encode_texts([r.prompt for r in requests], settings)
+                negatives = self._encode_texts([r.negative_prompt for r in requests if r.cfg], settings, negative=True)
+            else:
+                wanted = [t for r in requests for t in ((r.negative_prompt, r.prompt) if r.cfg else (r.prompt,))]
+                positives = negatives = self._encode_texts(wanted, settings)
             for request in requests:
-                texts = (request.negative_prompt, request.prompt) if request.cfg else (request.prompt,)
-                request.texts = tuple(encoded[t] for t in texts)
+                request.texts = ((negatives[request.negative_prompt], positives[request.prompt]) if request.cfg
+                                 else (positives[request.prompt],))
         for request in admitted:
             request.admitted = now
             request.generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -536,13 +541,21 @@ class Runner:
             request.handle._emit({"type": "started", "request_id": request.handle.id,
                                   "queue_wait_s": now - request.submitted})
 
-    def _encode_texts(self, texts: Sequence[str], settings: dict[str, Any]) -> dict[str, TextConditioning]:
-        """Embeddings of these texts: the LRU's, and the missing ones in one text-encoder call."""
-        text_key = self.family.text_key(settings)
+    def _encode_texts(self, texts: Sequence[str], settings: dict[str, Any],
+                      negative: bool = False) -> dict[str, TextConditioning]:
+        """Embeddings of these texts: the LRU's, and the missing ones in one text-encoder call.
+
+        `negative`: as negative prompts, for a family whose negatives encode differently (`negatives_apart`).
+        """
+        if not texts:
+            return {}
+        text_key = self.family.text_key(settings) + (("negative",) if negative else ())
         missing = sorted({t for t in texts if (*text_key, t) not in self._prompts})
         if missing:
             with torch.no_grad():
-                for text, encoded in zip(missing, self.family.encode(self.pipe, missing, settings)):
+                fresh = self.family.encode(self.pipe, missing, settings, negative=True) if negative else \
+                    self.family.encode(self.pipe, missing, settings)
+                for text, encoded in zip(missing, fresh):
                     self._prompts.put((*text_key, text), encoded)
         return {t: self._prompts.get((*text_key, t)) for t in set(texts)}
 

@@ -14,8 +14,8 @@ import torch
 import cachekit
 from cachekit.errors import UsageError
 from cachekit.pipelines import PipelineCall, Runner
-from cachekit.pipelines.families import StableDiffusion3Family, family_of
-from tiny_models import tiny_sd3_pipeline
+from cachekit.pipelines.families import SanaFamily, StableDiffusion3Family, family_of
+from tiny_models import tiny_sana_pipeline, tiny_sd3_pipeline
 
 PIXEL_TOLERANCE = 1  # of 255
 
@@ -24,8 +24,8 @@ def max_pixel_difference(a, b) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
-def solo(pipe, prompt, seed, steps, guidance, plan=None, negative=""):
-    kwargs = {"guidance_scale": guidance}
+def solo(pipe, prompt, seed, steps, guidance, plan=None, negative="", **settings):
+    kwargs = {"guidance_scale": guidance, **settings}
     if negative:
         kwargs["negative_prompt"] = negative
     return PipelineCall([prompt], num_inference_steps=steps, seeds=(seed,), kwargs=kwargs, output_type="pil",
@@ -91,7 +91,49 @@ def test_sd3_default_guidance_is_the_stock_call_default_and_previews_decode(sd3_
     assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE
 
 
+def serve_mixed(pipe, requests, max_batch=8):
+    """Serve the requests from one runner, the later ones joining the first mid-denoise; images and forwards."""
+    with Runner(pipe, max_batch=max_batch) as runner:
+        first = runner.submit(**requests[0])
+        wait_for_step(first, 2)
+        handles = [first] + [runner.submit(**r) for r in requests[1:]]
+        images = [h.result(timeout=300) for h in handles]
+        forwards = runner.stats()["forwards"]
+        assert set().union(*(s.cached_keys() for s in cachekit.sessions(pipe))) == set()
+    assert forwards < sum(r["num_inference_steps"] for r in requests)  # they shared forwards
+    return handles, images
+
+
+# ----------------------------------------------------------------------------- Sana
+@pytest.fixture(scope="module")
+def sana_pipe():
+    return tiny_sana_pipeline()
+
+
+SANA_REQUESTS = [
+    dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=4.5, schedule=None),
+    dict(prompt="the digit 7", seed=11, num_inference_steps=4, guidance_scale=3.0, schedule=None,
+         negative_prompt="blurry"),
+    dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=4.5, schedule="fora:interval=2"),
+    dict(prompt="a handwritten 8", seed=3, num_inference_steps=4, guidance_scale=1.0, schedule=None),
+    # the same text as a positive and as a negative prompt: Sana encodes the two differently
+    dict(prompt="blurry", seed=5, num_inference_steps=4, guidance_scale=2.0, schedule=None, negative_prompt="a handwritten 3"),
+]
+
+
+def test_sana_mixed_requests_in_one_runner_match_solo_calls(sana_pipe):
+    assert isinstance(family_of(sana_pipe), SanaFamily)
+    handles, images = serve_mixed(sana_pipe, SANA_REQUESTS)
+    for request, handle, image in zip(SANA_REQUESTS, handles, images):
+        expected = solo(sana_pipe, request["prompt"], request["seed"], request["num_inference_steps"],
+                        request["guidance_scale"], request["schedule"], request.get("negative_prompt", ""),
+                        height=32, width=32, use_resolution_binning=False)
+        assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE, request
+    assert handles[2].info.reused_share > 0
+
+
 def test_a_pipeline_without_an_adapter_gets_a_one_line_error():
     with pytest.raises(UsageError, match="no adapter for Linear") as err:
         Runner(torch.nn.Linear(1, 1))
-    assert "\n" not in str(err.value) and "StableDiffusion3Pipeline" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert "StableDiffusion3Pipeline" in str(err.value) and "SanaPipeline" in str(err.value)

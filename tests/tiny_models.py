@@ -376,3 +376,38 @@ def tiny_sd3_pipeline():
         text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sana_pipeline():
+    """A stock SanaPipeline from tiny configs: a one-layer Gemma2 text encoder over a word tokenizer, a two-block
+    Sana transformer on 16x16x4 latents (32 px: Sana wants multiples of 32), a two-stage DC autoencoder, and Sana's flow DPM-Solver scheduler."""
+    from diffusers import AutoencoderDC, SanaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    from cachekit.zoo._text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], eos="<eos>", pad="<pad>", unk="<unk>",
+                                     bos="<bos>", model_max_length=512)
+    torch.manual_seed(1)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=16, patch_size=2).eval()
+    torch.manual_seed(3)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407).eval()
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
