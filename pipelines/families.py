@@ -5,6 +5,10 @@ The runner serves many requests at different steps in one transformer forward, s
 `prepare_latents`, scheduler and VAE. An adapter says how those pieces fit for one family (which inputs the
 transformer takes, how CFG rows are laid out, how the output is split). Families are registered by pipeline class
 name; a pipeline with no adapter gets a one-line error naming those that have one.
+
+Shipped: PixArt-Alpha/Sigma, Stable Diffusion 3 (`StableDiffusion3Pipeline`), Sana (`SanaPipeline`) and FLUX.1
+(`FluxPipeline`, guidance-distilled: one row per request, `cfg_rows = False`). A new adapter subclasses
+`StockFamily` (DDPM-style defaults) and overrides what differs; image streams need `supports_streams` (PixArt only).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from cachekit.compat import execution_device
 from cachekit.errors import UsageError
 
 __all__ = ["TextConditioning", "PipelineFamily", "StockFamily", "PixArtFamily", "StableDiffusion3Family", "SanaFamily",
-           "fresh_scheduler", "register_family", "family_of", "family_names"]
+           "FluxFamily",
+           "fresh_scheduler", "stock_default", "register_family", "family_of", "family_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +76,28 @@ class PipelineFamily(Protocol):
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
-        """The transformer's prediction for every row (learned-sigma channels dropped)."""
+        """The transformer's prediction for every row (learned-sigma channels dropped). A family with
+        `cfg_rows = False` also takes `guidance`, every row's guidance scale (None: the stock default)."""
 
-    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor,
+           t: torch.Tensor) -> torch.Tensor | None:
         """The clean-image estimate after a step (`latents` already stepped, `prediction` guided); None if unknown."""
 
     def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
         """Finished latents of any number of requests to PIL images, in one VAE call."""
+
+
+def stock_default(pipe: Any, name: str, fallback: Any) -> Any:
+    """The default of one of the pipeline's `__call__` arguments (the stock call's, e.g. its guidance scale)."""
+    import inspect
+
+    try:
+        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
+    except (TypeError, ValueError):
+        return fallback
+    if parameter is None or parameter.default is inspect.Parameter.empty or parameter.default is None:
+        return fallback
+    return parameter.default
 
 
 def fresh_scheduler(scheduler: Any, num_steps: int, device: torch.device, **set_timesteps: Any) -> Any:
@@ -95,6 +115,7 @@ class StockFamily:
     name = "stock"
     supports_streams = False  # `Runner.open_stream` needs a DDPM-style scheduler (alphas_cumprod)
     negatives_apart = False  # True: the stock call encodes a negative prompt differently from the same positive one
+    cfg_rows = True  # False: guidance-distilled, one row per request, its scale passed to `forward(guidance=...)`
 
     def text_key(self, settings: dict[str, Any]) -> tuple:
         return ()
@@ -109,7 +130,8 @@ class StockFamily:
         scale = getattr(scheduler, "scale_model_input", None)
         return latents if scale is None else scale(latents, t)
 
-    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor,
+           t: torch.Tensor) -> torch.Tensor | None:
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is None:
             return None
@@ -129,16 +151,20 @@ class _FlowMatching:
 
     def image_seq_len(self, pipe: Any, settings: dict[str, Any]) -> int:
         patch = pipe.transformer.config.patch_size
-        return (settings["height"] // pipe.vae_scale_factor // patch) * (settings["width"] // pipe.vae_scale_factor // patch)
+        scale = pipe.vae_scale_factor
+        return (settings["height"] // scale // patch) * (settings["width"] // scale // patch)
+
+    default_max_shift = 1.16  # what the stock call assumes when the scheduler config has none
 
     def shift_mu(self, pipe: Any, settings: dict[str, Any]) -> float:
         config = pipe.scheduler.config
         base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", self.default_max_shift)
         m = (max_shift - base_shift) / (max_len - base_len)
         return self.image_seq_len(pipe, settings) * m + (base_shift - m * base_len)
 
-    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    def x0(self, scheduler: Any, latents: torch.Tensor, prediction: torch.Tensor,
+           t: torch.Tensor) -> torch.Tensor | None:
         sigmas, index = getattr(scheduler, "sigmas", None), getattr(scheduler, "step_index", None)
         if sigmas is None or index is None:
             return None
@@ -274,10 +300,7 @@ class SanaFamily(_FlowMatching, StockFamily):
 
     @staticmethod
     def _stock_instruction(pipe: Any) -> tuple[str, ...]:
-        import inspect
-
-        parameter = inspect.signature(type(pipe).__call__).parameters.get("complex_human_instruction")
-        default = None if parameter is None else parameter.default
+        default = stock_default(pipe, "complex_human_instruction", ())
         return tuple(default) if isinstance(default, (list, tuple)) else ()
 
     def settings(self, pipe: Any, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -350,6 +373,99 @@ class SanaFamily(_FlowMatching, StockFamily):
         return pipe.image_processor.postprocess(images, output_type="pil")
 
 
+class FluxFamily(_FlowMatching, StockFamily):
+    """FLUX.1 (`FluxPipeline`): CLIP pooled + T5 embeddings, guidance-distilled (one row per request, its guidance
+    scale embedded; no CFG rows, so a negative prompt is ignored as the stock call ignores it at true_cfg_scale 1),
+    2x2-packed latents with img_ids/txt_ids, flow matching with sigmas and the shift `mu` of the stock call.
+
+    A request's latents stay unpacked (B, C, H, W) in the runner: the forward packs them and unpacks the prediction
+    (a permutation), and the Euler step is elementwise, so every value is the one the stock loop computes."""
+
+    name = "flux"
+    cfg_rows = False
+    default_max_shift = 1.15
+
+    def settings(self, pipe: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+        from .call import model_call_defaults
+
+        merged = {**model_call_defaults(pipe), **overrides}
+        default_size = pipe.default_sample_size * pipe.vae_scale_factor
+        height = int(merged.get("height") or default_size)
+        width = int(merged.get("width") or default_size)
+        factor = pipe.vae_scale_factor * 2  # packing takes 2x2 latent patches
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        return {"height": height, "width": width, "max_sequence_length": int(merged.get("max_sequence_length", 512))}
+
+    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return dict(settings)
+
+    def group_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["height"], settings["width"], settings["max_sequence_length"])
+
+    def text_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["max_sequence_length"],)
+
+    def image_seq_len(self, pipe: Any, settings: dict[str, Any]) -> int:
+        return (settings["height"] // (pipe.vae_scale_factor * 2)) * (settings["width"] // (pipe.vae_scale_factor * 2))
+
+    def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
+        import numpy as np
+
+        config = pipe.scheduler.config
+        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        own = type(pipe.scheduler).from_config(config)
+        mu = self.shift_mu(pipe, settings)
+        if sigmas is not None:  # as retrieve_timesteps calls it
+            own.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        else:
+            own.set_timesteps(num_steps, device=device, mu=mu)
+        own.set_begin_index(0)
+        return own
+
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=execution_device(pipe),
+                                               max_sequence_length=settings["max_sequence_length"])
+        return [TextConditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(texts))]
+
+    def _latent_size(self, pipe: Any, settings: dict[str, Any]) -> tuple[int, int]:
+        return (2 * (settings["height"] // (pipe.vae_scale_factor * 2)),
+                2 * (settings["width"] // (pipe.vae_scale_factor * 2)))
+
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+        dtype = pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.transformer.dtype
+        packed, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, settings["height"],
+                                         settings["width"], dtype, execution_device(pipe), generator)
+        return pipe._unpack_latents(packed, settings["height"], settings["width"], pipe.vae_scale_factor)
+
+    def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
+                texts: Sequence[TextConditioning], settings: dict[str, Any],
+                guidance: Sequence[float] | None = None) -> torch.Tensor:
+        transformer = pipe.transformer
+        rows, channels, height, width = latents.shape
+        device = latents.device
+        packed = pipe._pack_latents(latents, rows, channels, height, width)
+        embeds = torch.cat([t.embeds for t in texts])
+        img_ids = pipe._prepare_latent_image_ids(rows, height // 2, width // 2, device, latents.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
+        guidance_rows = None
+        if transformer.config.guidance_embeds:
+            if guidance is None:
+                guidance = [float(stock_default(pipe, "guidance_scale", 3.5))] * rows
+            guidance_rows = torch.tensor([float(g) for g in guidance], device=device, dtype=torch.float32)
+        prediction = transformer(
+            hidden_states=packed, timestep=timesteps.to(device=device, dtype=latents.dtype) / 1000,
+            guidance=guidance_rows, pooled_projections=torch.cat([t.pooled for t in texts]),
+            encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        scale = pipe.vae_scale_factor
+        return pipe._unpack_latents(prediction, height * scale, width * scale, scale)
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        images = pipe.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type="pil")
+
+
 _FAMILIES: dict[str, Callable[[], PipelineFamily]] = {}
 
 
@@ -375,3 +491,4 @@ def family_of(pipe: Any) -> PipelineFamily:
 register_family(("PixArtAlphaPipeline", "PixArtSigmaPipeline"), PixArtFamily)
 register_family(("StableDiffusion3Pipeline",), StableDiffusion3Family)
 register_family(("SanaPipeline",), SanaFamily)
+register_family(("FluxPipeline",), FluxFamily)

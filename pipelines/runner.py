@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -37,7 +38,7 @@ from cachekit.errors import UsageError
 from cachekit.plans import PlanError, plan_label, resolve_plan
 from cachekit.schedule import Schedule
 
-from .families import PipelineFamily, TextConditioning, family_of
+from .families import PipelineFamily, TextConditioning, family_of, stock_default
 from .metrics import RunnerMetrics
 from .requests import ActiveRequest, RequestCancelled, RequestHandle, ServedRequest, new_request_id
 
@@ -204,7 +205,7 @@ class Runner:
 
         if guidance_scale is None:
             guidance_scale = float(model_call_defaults(self.pipe).get(
-                "guidance_scale", _stock_default(self.pipe, "guidance_scale", 4.5)))
+                "guidance_scale", stock_default(self.pipe, "guidance_scale", 4.5)))
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not 0.0 <= float(guidance_scale) <= 100.0:
             raise UsageError(f"guidance_scale must be a number from 0 to 100, got {guidance_scale!r}")
@@ -217,13 +218,14 @@ class Runner:
         settings = self.family.settings(self.pipe, overrides) if overrides else defaults
         plan = self._resolve(schedule, num_inference_steps)
         cost = self._request_cost(plan, num_inference_steps, guidance_scale)
-        rows = 2 if guidance_scale > 1.0 else 1
+        rows = self._rows(guidance_scale)
         if rows > self.max_batch:
             raise UsageError(f"a request with CFG takes 2 rows, more than max_batch={self.max_batch}")
 
         handle = RequestHandle(new_request_id(), self._cancel)
         now = time.monotonic()
-        request = ActiveRequest(
+        request_class = ActiveRequest if getattr(self.family, "cfg_rows", True) else _EmbeddedGuidanceRequest
+        request = request_class(
             handle=handle, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
             num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale), settings=settings,
             group=self.family.group_key(settings), plan=plan, plan_label=plan_label(schedule),
@@ -331,8 +333,12 @@ class Runner:
         except UsageError:
             return 1.0
 
+    def _rows(self, guidance_scale: float) -> int:
+        """Transformer rows of a request: two with CFG (unless the family embeds guidance in one row), else one."""
+        return 2 if guidance_scale > 1.0 and getattr(self.family, "cfg_rows", True) else 1
+
     def _request_cost(self, plan: Any, num_steps: int, guidance_scale: float) -> float:
-        rows = 2 if guidance_scale > 1.0 else 1
+        rows = self._rows(guidance_scale)
         return num_steps * rows * self._plan_cost(plan, num_steps)
 
     def _predicted_finish(self, request: ActiveRequest, now: float, cost: float) -> float | None:
@@ -678,9 +684,12 @@ class Runner:
             keys.extend(request.keys)
             counts.extend([request.num_inference_steps] * request.num_rows)
             plans.extend([request.plan] * request.num_rows)
+        extra = {}
+        if not getattr(self.family, "cfg_rows", True):  # guidance-distilled: each row's scale goes in the forward
+            extra["guidance"] = [r.guidance_scale for r in batch for _ in range(r.num_rows)]
         with torch.no_grad(), cachekit.rows(self.pipe, steps, keys, counts, plans):
             prediction = self.family.forward(self.pipe, torch.cat(inputs), torch.cat(timesteps), texts,
-                                             batch[0].settings)
+                                             batch[0].settings, **extra)
         by_request, offset = {}, 0
         for request in batch:
             by_request[request] = prediction[offset : offset + request.num_rows]
@@ -768,19 +777,16 @@ class Runner:
             self._report_held()
 
 
+@dataclasses.dataclass(eq=False)
+class _EmbeddedGuidanceRequest(ActiveRequest):
+    """A request of a guidance-distilled family (FLUX): one row, its guidance scale an input of the forward."""
+
+    @property
+    def cfg(self) -> bool:
+        return False
+
+
 def _is_static(plan: Any) -> bool:
     """A plan whose decisions depend on the step alone (a schedule, a static policy), not on the features."""
     return isinstance(plan, Schedule) or hasattr(plan, "schedule_for")
 
-
-def _stock_default(pipe: Any, name: str, fallback: Any) -> Any:
-    """The default of one of the pipeline's `__call__` arguments (the stock call's, e.g. its guidance scale)."""
-    import inspect
-
-    try:
-        parameter = inspect.signature(type(pipe).__call__).parameters.get(name)
-    except (TypeError, ValueError):
-        return fallback
-    if parameter is None or parameter.default is inspect.Parameter.empty or parameter.default is None:
-        return fallback
-    return parameter.default

@@ -14,8 +14,8 @@ import torch
 import cachekit
 from cachekit.errors import UsageError
 from cachekit.pipelines import PipelineCall, Runner
-from cachekit.pipelines.families import SanaFamily, StableDiffusion3Family, family_of
-from tiny_models import tiny_sana_pipeline, tiny_sd3_pipeline
+from cachekit.pipelines.families import FluxFamily, SanaFamily, StableDiffusion3Family, family_of
+from tiny_models import tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
 
 PIXEL_TOLERANCE = 1  # of 255
 
@@ -91,6 +91,21 @@ def test_sd3_default_guidance_is_the_stock_call_default_and_previews_decode(sd3_
     assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE
 
 
+def test_sd3_with_a_dynamically_shifting_scheduler_uses_the_stock_shift(sd3_pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    stock = sd3_pipe.scheduler
+    sd3_pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                         max_image_seq_len=64, base_shift=0.2, max_shift=2.0)
+    try:
+        with Runner(sd3_pipe, max_batch=2) as runner:
+            image = runner.submit("a handwritten 2", seed=4, num_inference_steps=4, guidance_scale=4.0).result(300)
+        expected = solo(sd3_pipe, "a handwritten 2", 4, 4, 4.0)
+    finally:
+        sd3_pipe.scheduler = stock
+    assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE
+
+
 def serve_mixed(pipe, requests, max_batch=8):
     """Serve the requests from one runner, the later ones joining the first mid-denoise; images and forwards."""
     with Runner(pipe, max_batch=max_batch) as runner:
@@ -117,7 +132,8 @@ SANA_REQUESTS = [
     dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=4.5, schedule="fora:interval=2"),
     dict(prompt="a handwritten 8", seed=3, num_inference_steps=4, guidance_scale=1.0, schedule=None),
     # the same text as a positive and as a negative prompt: Sana encodes the two differently
-    dict(prompt="blurry", seed=5, num_inference_steps=4, guidance_scale=2.0, schedule=None, negative_prompt="a handwritten 3"),
+    dict(prompt="blurry", seed=5, num_inference_steps=4, guidance_scale=2.0, schedule=None,
+         negative_prompt="a handwritten 3"),
 ]
 
 
@@ -132,8 +148,45 @@ def test_sana_mixed_requests_in_one_runner_match_solo_calls(sana_pipe):
     assert handles[2].info.reused_share > 0
 
 
+# ----------------------------------------------------------------------------- FLUX
+@pytest.fixture(scope="module")
+def flux_pipe():
+    return tiny_flux_pipeline()
+
+
+FLUX_REQUESTS = [  # guidance-distilled: one row each, the guidance scale embedded (3.5 and 7.0 share a forward)
+    dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=3.5, schedule=None),
+    dict(prompt="the digit 7", seed=11, num_inference_steps=4, guidance_scale=7.0, schedule=None),
+    dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=3.5, schedule="fora:interval=2"),
+    dict(prompt="a handwritten 3", seed=0, num_inference_steps=6, guidance_scale=7.0, schedule=None),
+    dict(prompt="a handwritten 8", seed=3, num_inference_steps=4, guidance_scale=1.0, schedule="fora:interval=2"),
+]
+
+
+def test_flux_mixed_requests_in_one_runner_match_solo_calls(flux_pipe):
+    assert isinstance(family_of(flux_pipe), FluxFamily)
+    handles, images = serve_mixed(flux_pipe, FLUX_REQUESTS, max_batch=4)
+    for request, handle, image in zip(FLUX_REQUESTS, handles, images):
+        expected = solo(flux_pipe, request["prompt"], request["seed"], request["num_inference_steps"],
+                        request["guidance_scale"], request["schedule"])
+        assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE, request
+    assert handles[2].info.reused_share > 0
+    assert max_pixel_difference(images[0], images[3]) > PIXEL_TOLERANCE  # the embedded guidance is each row's own
+
+
+def test_flux_requests_take_one_row_and_preview_their_x0(flux_pipe):
+    with Runner(flux_pipe, max_batch=1, preview=True) as runner:  # one row: no CFG rows to fit
+        handle = runner.submit("a handwritten 5", seed=2, num_inference_steps=4, guidance_scale=5.0)
+        events = list(handle.events(timeout=300))
+        image = handle.result()
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4] and steps[-1]["preview"].size == image.size
+    assert max_pixel_difference(steps[-1]["preview"], image) <= PIXEL_TOLERANCE  # x0 at sigma 0: the image
+    assert max_pixel_difference(image, solo(flux_pipe, "a handwritten 5", 2, 4, 5.0)) <= PIXEL_TOLERANCE
+
+
 def test_a_pipeline_without_an_adapter_gets_a_one_line_error():
     with pytest.raises(UsageError, match="no adapter for Linear") as err:
         Runner(torch.nn.Linear(1, 1))
     assert "\n" not in str(err.value)
-    assert "StableDiffusion3Pipeline" in str(err.value) and "SanaPipeline" in str(err.value)
+    assert all(name in str(err.value) for name in ("StableDiffusion3Pipeline", "SanaPipeline", "FluxPipeline"))

@@ -346,7 +346,8 @@ def _tiny_clip_with_projection(tokenizer, seed: int):
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=4, projection_dim=32, max_position_embeddings=tokenizer.model_max_length,
+                            num_attention_heads=4, projection_dim=32,
+                            max_position_embeddings=tokenizer.model_max_length,
                             hidden_act="gelu", layer_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return CLIPTextModelWithProjection(config).eval()
@@ -380,7 +381,8 @@ def tiny_sd3_pipeline():
 
 def tiny_sana_pipeline():
     """A stock SanaPipeline from tiny configs: a one-layer Gemma2 text encoder over a word tokenizer, a two-block
-    Sana transformer on 16x16x4 latents (32 px: Sana wants multiples of 32), a two-stage DC autoencoder, and Sana's flow DPM-Solver scheduler."""
+    Sana transformer on 16x16x4 latents (32 px: Sana wants multiples of 32), a two-stage DC autoencoder, and Sana's
+    flow DPM-Solver scheduler."""
     from diffusers import AutoencoderDC, SanaPipeline
     from transformers import Gemma2Config, Gemma2Model
 
@@ -409,5 +411,49 @@ def tiny_sana_pipeline():
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                         scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline():
+    """A stock FluxPipeline from tiny configs: a CLIP text encoder (pooled 32) and a T5 encoder (32 wide) over word
+    tokenizers, a one-double- one-single-block FLUX transformer with guidance embedding on 8x8x4 latents (16 packed
+    tokens), a VAE with FLUX's scaling and shift, and FLUX's dynamically shifted flow-matching Euler scheduler.
+    `default_sample_size` is set to 8 so the stock default size is the model's 16 px, not 256."""
+    from diffusers import AutoencoderKL, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from cachekit.zoo._text import build_word_tokenizer
+
+    tokenizer = _tiny_clip_tokenizer()
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu", layer_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)).eval()
+    tokenizer_2 = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
+                                       model_max_length=32)
+    torch.manual_seed(2)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
+        use_cache=False)).eval()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True).eval()
+    torch.manual_seed(3)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.default_sample_size = 8
     pipe.set_progress_bar_config(disable=True)
     return pipe
