@@ -187,6 +187,7 @@ class ActiveRequest:
     deadline_s: float | None
     on_step: Callable[[int, torch.Tensor], None] | None
     preview: bool
+    cfg_rows: bool = True  # False for a guidance-distilled family (FLUX): one row, its scale an input of the forward
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     admitted: float | None = None
     first_step: float | None = None
@@ -203,7 +204,8 @@ class ActiveRequest:
 
     @property
     def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance as two rows (uncond, cond), as the stock loop batches it."""
+        return self.cfg_rows and self.guidance_scale > 1.0
 
     @property
     def num_rows(self) -> int:

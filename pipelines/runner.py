@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import heapq
 import itertools
 import logging
@@ -224,15 +223,14 @@ class Runner:
 
         handle = RequestHandle(new_request_id(), self._cancel)
         now = time.monotonic()
-        request_class = ActiveRequest if getattr(self.family, "cfg_rows", True) else _EmbeddedGuidanceRequest
-        request = request_class(
+        request = ActiveRequest(
             handle=handle, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
             num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale), settings=settings,
             group=self.family.group_key(settings), plan=plan, plan_label=plan_label(schedule),
             requested_plan=plan_label(schedule), degraded=False, cost=cost,
             deadline=None if deadline_s is None else now + float(deadline_s),
             deadline_s=None if deadline_s is None else float(deadline_s), on_step=on_step, preview=self.preview,
-            submitted=now)
+            cfg_rows=getattr(self.family, "cfg_rows", True), submitted=now)
         with self._cv:
             if self._closed:
                 raise RunnerClosed("the runner is closed")
@@ -775,15 +773,6 @@ class Runner:
                 self.metrics.served(info)
                 request.handle._finish(image, info)
             self._report_held()
-
-
-@dataclasses.dataclass(eq=False)
-class _EmbeddedGuidanceRequest(ActiveRequest):
-    """A request of a guidance-distilled family (FLUX): one row, its guidance scale an input of the forward."""
-
-    @property
-    def cfg(self) -> bool:
-        return False
 
 
 def _is_static(plan: Any) -> bool:
