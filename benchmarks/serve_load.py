@@ -30,9 +30,6 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,43 +48,6 @@ API = "/v1/images/generations"
 STEPS = 20
 PLANS = ("none", "digits-lossless", "digits-fast", "digits-fastest")
 PIXEL_TOLERANCE = 1  # of 255, as tests/test_server.py
-
-
-class LoopbackServer:
-    """uvicorn serving `app` on a pre-bound 127.0.0.1 port, in a thread of this process."""
-
-    def __init__(self, app: Any, startup_timeout: float = 120.0) -> None:
-        import uvicorn
-
-        from cachekit.pipelines.server.app import DrainingServer
-
-        self.startup_timeout = startup_timeout
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = DrainingServer(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                     timeout_graceful_shutdown=10, backlog=2048))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    def __enter__(self) -> "LoopbackServer":
-        self._thread.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if not self._thread.is_alive():
-                raise RuntimeError("the server exited during start-up")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"the server was not ready within {self.startup_timeout} s")
-
-    def __exit__(self, *exc: Any) -> None:
-        self._server.handle_exit(signal.SIGINT, None)
-        self._thread.join(60)
-        self._socket.close()
 
 
 # ---------------------------------------------------------------------------------------------------- the trace
@@ -348,7 +308,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     busy_before, own_before, wall_before = machine_busy_s(), own_cpu_s(), time.monotonic()
     torch.set_num_threads(2)
-    from cachekit.pipelines.server import ServerLimits, create_app
+    from cachekit.pipelines.server import ServerLimits, ServerThread, create_app
 
     rng = np.random.default_rng(args.seed)
     references = request_list(distinct, rng)
@@ -366,7 +326,7 @@ def main() -> None:
     # ---------------------------------------------------------------- one at a time, then (a)
     with Runner(pipe, max_batch=args.max_batch, max_queue=max(256, args.requests),
                 align_steps=args.align_steps) as runner, \
-            LoopbackServer(create_app(runner=runner, limits=limits)) as server:
+            ServerThread(create_app(runner=runner, limits=limits)) as server:
         results["runner_loop_threads"] = runner.loop_threads
         run_with_deadline(one_at_a_time(server.url, references[:4], args.request_timeout), deadline, "the warm-up")
         sequential, sequential_s = run_with_deadline(
@@ -398,7 +358,7 @@ def main() -> None:
     over_arrivals = gamma_arrivals(args.overload_requests, over_rate, args.shape, rng)
     with Runner(pipe, max_batch=args.max_batch, max_queue=args.max_queue,
                 align_steps=args.align_steps) as runner, \
-            LoopbackServer(create_app(runner=runner, limits=limits)) as server:
+            ServerThread(create_app(runner=runner, limits=limits)) as server:
         before, rows_before = done_count(runner), forward_rows(runner)
         outcomes_before = dict(runner.stats()["requests"])
         first, retries, over_s = run_with_deadline(
