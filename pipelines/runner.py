@@ -486,8 +486,8 @@ class Runner:
 
         Step-aligned admission: requests under a static plan (a schedule) skip work only where every row of a
         forward is at a step that skips it, so they are let in as cohorts that start together. While the waiting
-        requests cannot fill the free rows, they are held for up to `align_steps` forwards' time; the second value
-        is when the hold ends (None: no hold).
+        requests cannot fill the free rows (and fill less than half the queue), they are held for up to
+        `align_steps` forwards' time; the second value is when the hold ends (None: no hold).
         """
         rows = sum(r.num_rows for r in self._active)
         admitted: list[ActiveRequest] = []
@@ -503,6 +503,9 @@ class Runner:
         if not admitted:
             return [], None
         fills = len(admitted) < len(self._pending) or rows + 2 > self.max_batch
+        # held requests take queue places: past half the queue a cohort gathering would turn arrivals away (429)
+        # while rows are free, so it goes in as it is
+        fills = fills or 2 * len(self._pending) >= self.max_queue
         if self.align_steps and not fills and self._seconds_per_tick is not None and \
                 any(_is_static(r.plan) for r in admitted):
             # while the batch is busy anyway a cohort may gather for longer; an idle runner waits briefly for a burst

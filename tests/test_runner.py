@@ -293,3 +293,13 @@ def test_forecasting_requests_joining_mid_way_match_solo_calls(runner, solo_pipe
                                       (("a handwritten 0", 30), ("a handwritten 6", 31), ("a handwritten 9", 32))):
         expected = solo(solo_pipe, prompt, seed, plan="digits-fast")
         assert max_pixel_difference(handle.result(timeout=120), expected) <= PIXEL_TOLERANCE
+
+
+def test_a_gathering_cohort_never_makes_the_queue_refuse_arrivals():
+    """Requests held for a step-aligned cohort take queue places: once they fill half the queue they go in, so a
+    hold (here as long as 100,000 forwards) cannot fill the queue while rows are free."""
+    with Runner(max_batch=32, max_queue=4, align_steps=100_000) as runner:
+        runner.generate("a handwritten 1", seed=0, num_inference_steps=2, timeout=60)  # the tick time is known
+        held = [runner.submit(f"a handwritten {d}", seed=d, schedule="digits-fast") for d in (2, 3)]
+        assert all(h.result(timeout=120) is not None for h in held)
+        assert runner.stats()["requests"].get("rejected", 0) == 0
