@@ -147,7 +147,7 @@ def standardize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return (latents - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
 
 
-class _EMA:
+class WeightEMA:
     def __init__(self, modules, decay: float):
         self.decay = decay
         self.shadow = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
@@ -183,7 +183,7 @@ def train_diffusion(transformer, text_encoder, tokenizer, latents, labels, steps
     warmup = min(200, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    ema = _EMA([transformer, text_encoder], ema_decay)
+    ema = WeightEMA([transformer, text_encoder], ema_decay)
     transformer.train()
     text_encoder.train()
     n_templates = len(TEMPLATES)

@@ -339,9 +339,9 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, labels, dir
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     warmup = max(1, min(200, steps // 10))
 
-    from .train_digits import _EMA
+    from .train_digits import WeightEMA
 
-    ema = _EMA([transformer, text_encoder], ema_decay)
+    ema = WeightEMA([transformer, text_encoder], ema_decay)
     budget = _Budget(minutes)
 
     def lr_at(s):
