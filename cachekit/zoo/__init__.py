@@ -21,6 +21,7 @@ from ..io import write_text
 
 __all__ = [
     "DIGITS_DEFAULTS",
+    "DIGITS_VIDEO_DEFAULTS",
     "call_defaults",
     "bundled_name",
     "DIGITS_CLIP_NAME",
@@ -36,7 +37,10 @@ __all__ = [
 ]
 
 _HERE = Path(__file__).resolve().parent
-_PIPELINES = {"digits": _HERE / "digits"}
+_PIPELINES = {"digits": _HERE / "digits", "digits-video": _HERE / "digits_video"}
+#: The stock diffusers class each bundled pipeline loads with, and the module that retrains it.
+_PIPELINE_CLASSES = {"digits": "PixArtAlphaPipeline", "digits-video": "WanPipeline"}
+_TRAINERS = {"digits": "cachekit.zoo.train_digits", "digits-video": "cachekit.zoo.train_digits_video"}
 _CLIPS = {"digits": _HERE / "digits_clip"}
 _SCHEDULES = _HERE / "schedules"
 
@@ -55,18 +59,32 @@ DIGITS_DEFAULTS: Dict[str, Any] = {
     "clean_caption": False,
 }
 
+#: Recommended settings for the digits-video pipeline (a ``WanPipeline``). ``max_sequence_length=16`` is required in
+#: practice: Wan pads prompts with zeros to its default of 512 and gives the transformer no mask, and the model was
+#: trained on 16 (at 512 it draws the motion far less often right).
+DIGITS_VIDEO_DEFAULTS: Dict[str, Any] = {
+    "num_inference_steps": 20,
+    "guidance_scale": 4.0,
+    "height": 32,
+    "width": 32,
+    "num_frames": 9,
+    "max_sequence_length": 16,
+}
+
+
 def call_defaults(model: str) -> Dict[str, Any]:
     """The pipeline call settings a bundled model needs, without the step count (which every command sets itself).
 
     Any other model gets none: a user's pipeline runs with its own defaults unless the command line says otherwise.
     """
-    if model == "digits":
-        return {k: v for k, v in DIGITS_DEFAULTS.items() if k != "num_inference_steps"}
-    return {}
+    defaults = {"digits": DIGITS_DEFAULTS, "digits-video": DIGITS_VIDEO_DEFAULTS}.get(model)
+    if defaults is None:
+        return {}
+    return {k: v for k, v in defaults.items() if k != "num_inference_steps"}
 
 
 def bundled_name(pipe: Any) -> Optional[str]:
-    """The bundled model a pipeline was loaded from (``"digits"``), or None for any other pipeline.
+    """The bundled model a pipeline was loaded from (``"digits"``, ``"digits-video"``), or None for any other.
 
     Read off the transformer's ``_name_or_path`` (kept by copies of the pipeline, which peers make) or the
     pipeline's own, compared with the bundled folders.
@@ -109,7 +127,8 @@ def _has_pipeline_weights(folder: Path) -> bool:
 def load_pipeline(name_or_path: str = "digits", device=None, torch_dtype=None):
     """A stock diffusers pipeline, loaded offline.
 
-    ``"digits"`` is the bundled PixArt-alpha pipeline (a ``PixArtAlphaPipeline``); any other string is a local
+    ``"digits"`` is the bundled PixArt-alpha pipeline (a ``PixArtAlphaPipeline``), ``"digits-video"`` the bundled
+    text-to-video pipeline (a ``WanPipeline``, 9 frames of 32x32 moving digits); any other string is a local
     diffusers folder or a model id already in the Hugging Face cache, loaded with
     ``DiffusionPipeline.from_pretrained(..., local_files_only=True)``. Nothing is downloaded; a missing model raises
     :class:`ModelNotFoundError` with a one-line message. Weights load as float32 unless ``torch_dtype`` is given.
@@ -125,10 +144,11 @@ def load_pipeline(name_or_path: str = "digits", device=None, torch_dtype=None):
         if not _has_pipeline_weights(folder):
             raise ModelNotFoundError(
                 f"bundled model {name_or_path!r} has no weights at {folder}: reinstall cachekit or retrain it with "
-                f"`python -m cachekit.zoo.train_digits --out {folder}`")
-        from diffusers import PixArtAlphaPipeline
+                f"`python -m {_TRAINERS[name_or_path]} --out {folder}`")
+        import diffusers
 
-        pipe = PixArtAlphaPipeline.from_pretrained(str(folder), **kwargs)
+        pipeline_class = getattr(diffusers, _PIPELINE_CLASSES[name_or_path])
+        pipe = pipeline_class.from_pretrained(str(folder), **kwargs)
     else:
         folder = Path(name_or_path).expanduser()
         if folder.exists() and not _has_pipeline_weights(folder):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import DIGITS_VIDEO_DEFAULTS
 from ._text import build_word_tokenizer, patch_tokenizer_class
 from .digits_video_data import (
     CANVAS_SIZE,
@@ -64,9 +65,8 @@ NUM_LAYERS = 12
 FFN_DIM = 256
 FLOW_SHIFT = 1.0
 MAX_MB = 15.0
-#: Recommended call settings for the trained pipeline (``pipe(prompt, **VIDEO_DEFAULTS)``).
-VIDEO_DEFAULTS = {"height": CANVAS_SIZE, "width": CANVAS_SIZE, "num_frames": NUM_FRAMES, "num_inference_steps": 20,
-                  "guidance_scale": 4.0, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+#: Recommended call settings for the trained pipeline (``pipe(prompt, **VIDEO_DEFAULTS)``): the zoo's.
+VIDEO_DEFAULTS = DIGITS_VIDEO_DEFAULTS
 
 
 # ------------------------------------------------------------------------------------------------------ components
