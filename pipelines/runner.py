@@ -25,6 +25,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -88,18 +89,21 @@ class Runner:
     """Serve many generation requests from one resident pipeline, each under its own cache plan.
 
     Args:
-        pipe: a stock diffusers pipeline of a family the runner knows (`pipelines.families`); None loads the bundled
-            digits model. The runner enables cachekit on it (every row brings its own plan) and disables it on close.
+        pipe: a stock diffusers pipeline of a family the runner knows (`pipelines.families`), or a bundled model
+            name or local folder, which the runner loads on its own thread (see `_setup`); None loads
+            the bundled digits model. The runner enables cachekit on it (every row brings its own plan) and disables
+            it on close.
         max_batch: transformer rows per forward (a request with CFG takes two).
         max_queue: requests waiting for admission before `submit` raises `QueueFull`.
         tiers: plans from slowest to fastest that tiering may pick (default: the bundled model's shipped ones).
         max_cache_bytes: admit a request only while the predicted cache memory of all admitted requests fits.
         prompt_cache_size: text embeddings kept for repeated prompts.
         preview: decode the current x0 prediction into every step event (costs one small VAE call per step).
-        cpu_threads: torch intra-op threads of the runner's loop thread when the model runs on CPU. A worker
-            thread's OpenMP team can be several times slower than the main thread's at the same count (measured:
-            2.8x on 2 cores), so "auto" times a full batch at the creating thread's count and at 1 and keeps the
-            faster; an int sets it; None leaves torch's default. Ignored on accelerators.
+        cpu_threads: torch intra-op threads of the runner's loop thread when the model runs on CPU. While another
+            thread of the process also keeps an OpenMP team (it ran multi-threaded torch work, e.g. loaded the
+            pipeline), the loop thread's team runs about half as fast at the same count (measured on 2 cores), so
+            "auto" times a full batch at the creating thread's count and at 1 and keeps the faster; an int sets it;
+            None leaves torch's default. Ignored on accelerators.
         align_steps: how many forwards' time requests under a schedule may wait, while the batch is busy, to start
             together as a cohort (rows at one step skip a schedule's blocks for the whole batch; rows at mixed steps
             compute most blocks for some rows). At most 2 forwards' time when the runner is idle; 0 admits at once.
@@ -119,29 +123,14 @@ class Runner:
         cpu_threads: int | str | None = "auto",
         align_steps: float = 20.0,
     ) -> None:
-        from cachekit import zoo
-        from cachekit.cost import MacProfile
-        from cachekit.hooks import session_of
-
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise UsageError(f"max_batch must be a positive integer, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise UsageError(f"max_queue must be a positive integer, got {max_queue!r}")
-        pipe = zoo.load_pipeline("digits") if pipe is None else pipe
-        self.family: PipelineFamily = family_of(pipe)
-        if session_of(pipe.transformer) is not None:
-            raise UsageError("cachekit is already enabled on this pipeline; call cachekit.disable(pipe) first: "
-                             "the runner gives every request its own plan")
-        self.pipe = pipe
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_cache_bytes = max_cache_bytes
         self.preview = preview
-        self._default_settings = self.family.settings(pipe, {})
-        self._profile = MacProfile.for_pipeline(pipe, **self._profile_settings())
-        bundled = zoo.bundled_name(pipe)
-        self.tiers: tuple[Any, ...] = tuple(tiers) if tiers is not None else DEFAULT_TIERS.get(bundled or "", ())
-        self._tier_costs = [self._plan_cost(resolve_plan(t), self._steps_of(t)) for t in self.tiers]
         self.metrics = RunnerMetrics(max_batch)
         self._prompts = _PromptCache(prompt_cache_size)
         self._cv = threading.Condition()
@@ -162,9 +151,43 @@ class Runner:
         self._cpu_threads = cpu_threads
         self._creator_threads = torch.get_num_threads()
         self.loop_threads: int | None = None
-        cachekit.enable(pipe, None)
-        self._thread = threading.Thread(target=self._loop, name="cachekit-runner", daemon=True)
+        self._tiers_asked = tiers
+        self._ready = threading.Event()
+        self._setup_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, args=(pipe,), name="cachekit-runner", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._setup_error is not None:
+            self._thread.join()
+            raise self._setup_error
+
+    def _setup(self, pipe: Any) -> None:
+        """Load (when given a name) and prepare the pipeline on the loop thread, before any request.
+
+        On CPU this can matter for speed: every thread that runs multi-threaded torch work keeps an OpenMP team,
+        and a stock digits pipeline call on a worker thread ran at 10.4 img/s while the main thread also had a team
+        against 19.4 img/s when the worker's was the only one (2 cores; likely libgomp's throttled barrier spinning
+        once its threads outnumber the cores). Loading and profiling here leaves the caller's thread without a team
+        (when it has none already).
+        """
+        from cachekit import zoo
+        from cachekit.cost import MacProfile
+        from cachekit.hooks import session_of
+
+        if pipe is None or isinstance(pipe, (str, os.PathLike)):
+            pipe = zoo.load_pipeline("digits" if pipe is None else str(pipe))
+        self.family: PipelineFamily = family_of(pipe)
+        if session_of(pipe.transformer) is not None:
+            raise UsageError("cachekit is already enabled on this pipeline; call cachekit.disable(pipe) first: "
+                             "the runner gives every request its own plan")
+        self.pipe = pipe
+        self._default_settings = self.family.settings(pipe, {})
+        self._profile = MacProfile.for_pipeline(pipe, **self._profile_settings())
+        bundled = zoo.bundled_name(pipe)
+        asked = self._tiers_asked
+        self.tiers: tuple[Any, ...] = tuple(asked) if asked is not None else DEFAULT_TIERS.get(bundled or "", ())
+        self._tier_costs = [self._plan_cost(resolve_plan(t), self._steps_of(t)) for t in self.tiers]
+        cachekit.enable(pipe, None)
 
     # ------------------------------------------------------------------ public API
     def submit(
@@ -434,7 +457,14 @@ class Runner:
             cachekit.release(self.pipe, keys)
         return best
 
-    def _loop(self) -> None:
+    def _loop(self, pipe: Any) -> None:
+        try:
+            self._setup(pipe)
+        except BaseException as err:  # noqa: BLE001 - handed to the constructor, which raises it
+            self._setup_error = err
+            self._ready.set()
+            return
+        self._ready.set()
         try:
             self._configure_threads()
         except Exception:  # noqa: BLE001 - a probe failure only costs speed

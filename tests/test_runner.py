@@ -303,3 +303,14 @@ def test_a_gathering_cohort_never_makes_the_queue_refuse_arrivals():
         held = [runner.submit(f"a handwritten {d}", seed=d, schedule="digits-fast") for d in (2, 3)]
         assert all(h.result(timeout=120) is not None for h in held)
         assert runner.stats()["requests"].get("rejected", 0) == 0
+
+
+def test_a_runner_given_a_name_loads_it_on_its_own_thread_and_a_missing_one_is_one_clear_error(tmp_path):
+    from cachekit.zoo import ModelNotFoundError
+
+    with Runner("digits", max_batch=2) as named:
+        assert named.generate("a handwritten 5", seed=0, num_inference_steps=4, timeout=60).size == (16, 16)
+    before = threading.active_count()
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        Runner(str(tmp_path / "no-such-model"))
+    assert threading.active_count() == before  # no loop thread left behind

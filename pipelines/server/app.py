@@ -74,11 +74,10 @@ class _Served:
         logger.info("shutting down: %d request(s) in flight%s", len(ids), f" ({', '.join(ids)})" if ids else "")
 
     def start(self) -> None:
-        if self.runner is None:
-            from cachekit import zoo
-
-            self.runner = Runner(zoo.load_pipeline(self.model), **self.runner_options)
         from cachekit import zoo
+
+        if self.runner is None:
+            self.runner = Runner(self.model, **self.runner_options)  # loaded on the runner's own thread
 
         self.model_id = zoo.bundled_name(self.runner.pipe) or type(self.runner.pipe).__name__
 

@@ -71,12 +71,10 @@ class CachekitReplica:
 
     def __init__(self, model: str, limits: ServerLimits, api_key: str | None,
                  runner_options: dict[str, Any]) -> None:
-        from cachekit import zoo
-
         from ..runner import Runner
 
         self.limits, self.api_key = limits, api_key
-        self.runner = Runner(zoo.load_pipeline(model), **runner_options)
+        self.runner = Runner(model, **runner_options)  # loaded on the runner's own thread
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> Any:
