@@ -214,3 +214,20 @@ def test_the_zoo_defaults_match_what_the_trainer_trains():
     assert defaults["num_frames"] == trainer.NUM_FRAMES
     assert defaults["max_sequence_length"] == trainer.MAX_SEQUENCE_LENGTH
     assert "num_inference_steps" not in defaults
+
+
+def test_the_shipped_digits_video_model_loads_offline_in_the_stock_wan_pipeline():
+    from diffusers import WanPipeline
+
+    from cachekit import zoo
+
+    pipe = zoo.load_pipeline("digits-video")
+    assert isinstance(pipe, WanPipeline) and zoo.bundled_name(pipe) == "digits-video"
+    assert pipe.transformer.config.num_layers >= 8
+    size = sum(f.stat().st_size for f in zoo.pipeline_path("digits-video").rglob("*") if f.is_file())
+    assert size <= 15 * 1024 * 1024
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a handwritten 3 moving left", num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0),
+                  **zoo.call_defaults("digits-video")).frames[0]
+    assert tuple(frames.shape) == (9, 3, 32, 32)
