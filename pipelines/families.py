@@ -110,15 +110,22 @@ def fresh_scheduler(scheduler: Any, num_steps: int, device: torch.device, **set_
 
 
 class StockFamily:
-    """Defaults for an adapter: a noise-prediction (DDPM-style) scheduler, no step kwargs, no image streams."""
+    """Defaults for an adapter: settings with height, width and max_sequence_length (requests share a forward when
+    all three match), a noise-prediction (DDPM-style) scheduler, no step kwargs, no image streams."""
 
     name = "stock"
     supports_streams = False  # `Runner.open_stream` needs a DDPM-style scheduler (alphas_cumprod)
     negatives_apart = False  # True: the stock call encodes a negative prompt differently from the same positive one
     cfg_rows = True  # False: guidance-distilled, one row per request, its scale passed to `forward(guidance=...)`
 
+    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return dict(settings)
+
+    def group_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["height"], settings["width"], settings["max_sequence_length"])
+
     def text_key(self, settings: dict[str, Any]) -> tuple:
-        return ()
+        return (settings["max_sequence_length"],)
 
     def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
         return fresh_scheduler(pipe.scheduler, num_steps, device)
@@ -201,9 +208,6 @@ class PixArtFamily(StockFamily):
         # the runner serves exactly the requested size: resolution binning would resize it
         return {**settings, "use_resolution_binning": False}
 
-    def group_key(self, settings: dict[str, Any]) -> tuple:
-        return (settings["height"], settings["width"], settings["max_sequence_length"])
-
     def text_key(self, settings: dict[str, Any]) -> tuple:
         return (settings["max_sequence_length"], settings["clean_caption"])
 
@@ -256,15 +260,6 @@ class StableDiffusion3Family(_FlowMatching, StockFamily):
         merged = {**model_call_defaults(pipe), **overrides}
         height, width = _resolution(pipe, merged, pipe.default_sample_size * pipe.vae_scale_factor)
         return {"height": height, "width": width, "max_sequence_length": int(merged.get("max_sequence_length", 256))}
-
-    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
-        return dict(settings)
-
-    def group_key(self, settings: dict[str, Any]) -> tuple:
-        return (settings["height"], settings["width"], settings["max_sequence_length"])
-
-    def text_key(self, settings: dict[str, Any]) -> tuple:
-        return (settings["max_sequence_length"],)
 
     def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
         # a negative prompt is encoded like a positive one in the stock call (clip_skip None)
@@ -325,9 +320,6 @@ class SanaFamily(_FlowMatching, StockFamily):
         # the runner serves exactly the requested size: resolution binning would resize it
         return {**settings, "complex_human_instruction": list(settings["complex_human_instruction"]),
                 "use_resolution_binning": False}
-
-    def group_key(self, settings: dict[str, Any]) -> tuple:
-        return (settings["height"], settings["width"], settings["max_sequence_length"])
 
     def text_key(self, settings: dict[str, Any]) -> tuple:
         return (settings["max_sequence_length"], settings["clean_caption"], settings["complex_human_instruction"])
@@ -396,15 +388,6 @@ class FluxFamily(_FlowMatching, StockFamily):
         if height % factor or width % factor or height <= 0 or width <= 0:
             raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
         return {"height": height, "width": width, "max_sequence_length": int(merged.get("max_sequence_length", 512))}
-
-    def call_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
-        return dict(settings)
-
-    def group_key(self, settings: dict[str, Any]) -> tuple:
-        return (settings["height"], settings["width"], settings["max_sequence_length"])
-
-    def text_key(self, settings: dict[str, Any]) -> tuple:
-        return (settings["max_sequence_length"],)
 
     def image_seq_len(self, pipe: Any, settings: dict[str, Any]) -> int:
         return (settings["height"] // (pipe.vae_scale_factor * 2)) * (settings["width"] // (pipe.vae_scale_factor * 2))
