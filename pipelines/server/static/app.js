@@ -386,8 +386,9 @@ function drawChart() {
   ctx.textBaseline = "top";
   ctx.fillText("throughput", left, 0);
   ctx.fillText("latency", left, half + 18);
+  // images/s last, so a flat stream line (no streams open) never hides it
   drawPanel(ctx, {x: left, y: 16, w: width, h: half - 8}, [
-    {key: "images", color: COLORS.images}, {key: "frames", color: COLORS.frames}], "/s", now);
+    {key: "frames", color: COLORS.frames}, {key: "images", color: COLORS.images}], "/s", now);
   drawPanel(ctx, {x: left, y: half + 34, w: width, h: half - 8}, [
     {key: "p50", color: COLORS.p50}, {key: "p99", color: COLORS.p99}], "ms", now);
   ctx.fillStyle = "#71717a";
