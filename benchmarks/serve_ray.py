@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import socket
-import threading
 import time
 
 import httpx
@@ -27,24 +26,9 @@ API = "/v1/images/generations"
 
 
 def deploy(replicas: int, cores: int, timeout_s: float) -> None:
-    from ray import serve
+    from cachekit.pipelines.server.ray_app import deployment, run_within
 
-    from cachekit.pipelines.server.ray_app import deployment
-
-    app = deployment(model="digits", replicas=replicas, num_cpus=cores / replicas)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve.run(app, name="cachekit", route_prefix="/")
-        except BaseException as err:  # noqa: BLE001 - reported below
-            failure.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive() or failure:
-        raise RuntimeError(f"{replicas} replica(s) not running within {timeout_s} s: {failure}")
+    run_within(deployment(model="digits", replicas=replicas, num_cpus=cores / replicas), timeout_s)
 
 
 async def burst(url: str, count: int, steps: int, timeout_s: float) -> tuple[float, dict[int, int], set[str]]:

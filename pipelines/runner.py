@@ -21,7 +21,6 @@ predicted load is served by a faster plan from `tiers`. Shared work: the text en
 from __future__ import annotations
 
 import collections
-import contextlib
 import heapq
 import itertools
 import logging
@@ -40,7 +39,7 @@ from cachekit.schedule import Schedule
 
 from .families import PipelineFamily, TextConditioning, family_of, stock_default
 from .metrics import RunnerMetrics
-from .requests import ActiveRequest, RequestCancelled, RequestHandle, ServedRequest, new_request_id
+from .requests import ActiveRequest, RequestHandle, ServedRequest, new_request_id
 
 __all__ = ["Runner", "QueueFull", "RunnerClosed", "DEFAULT_TIERS"]
 

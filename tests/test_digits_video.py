@@ -207,11 +207,12 @@ def test_trainer_runs_every_stage_and_saves_a_loadable_pipeline(tmp_path):
 
 def test_the_zoo_defaults_match_what_the_trainer_trains():
     from cachekit import zoo
+    from cachekit.zoo import digits_video_data as data
     from cachekit.zoo import train_digits_video as trainer
 
     defaults = zoo.call_defaults("digits-video")
-    assert (defaults["height"], defaults["width"]) == (trainer.CANVAS_SIZE, trainer.CANVAS_SIZE)
-    assert defaults["num_frames"] == trainer.NUM_FRAMES
+    assert (defaults["height"], defaults["width"]) == (data.CANVAS_SIZE, data.CANVAS_SIZE)
+    assert defaults["num_frames"] == data.NUM_FRAMES
     assert defaults["max_sequence_length"] == trainer.MAX_SEQUENCE_LENGTH
     assert "num_inference_steps" not in defaults
 

@@ -39,6 +39,19 @@ def wait_for_step(handle, step: int) -> None:
     raise AssertionError(f"{handle.id} ended before step {step}")
 
 
+def serve_mixed(pipe, requests, max_batch=8):
+    """Serve the requests from one runner, the later ones joining the first mid-denoise; images and forwards."""
+    with Runner(pipe, max_batch=max_batch) as runner:
+        first = runner.submit(**requests[0])
+        wait_for_step(first, 2)
+        handles = [first] + [runner.submit(**r) for r in requests[1:]]
+        images = [h.result(timeout=300) for h in handles]
+        forwards = runner.stats()["forwards"]
+        assert set().union(*(s.cached_keys() for s in cachekit.sessions(pipe))) == set()
+    assert forwards < sum(r["num_inference_steps"] for r in requests)  # they shared forwards
+    return handles, images
+
+
 @pytest.fixture(scope="module")
 def sd3_pipe():
     return tiny_sd3_pipeline()
@@ -56,14 +69,7 @@ SD3_REQUESTS = [
 
 def test_sd3_mixed_requests_in_one_runner_match_solo_calls(sd3_pipe):
     assert isinstance(family_of(sd3_pipe), StableDiffusion3Family)
-    with Runner(sd3_pipe, max_batch=8) as runner:
-        first = runner.submit(**SD3_REQUESTS[0])
-        wait_for_step(first, 2)  # the others join a request already mid-denoise
-        handles = [first] + [runner.submit(**r) for r in SD3_REQUESTS[1:]]
-        images = [h.result(timeout=300) for h in handles]
-        forwards = runner.stats()["forwards"]
-        assert set().union(*(s.cached_keys() for s in cachekit.sessions(sd3_pipe))) == set()
-    assert forwards < sum(r["num_inference_steps"] for r in SD3_REQUESTS)  # they shared forwards
+    handles, images = serve_mixed(sd3_pipe, SD3_REQUESTS)
     assert cachekit.sessions(sd3_pipe) == []  # the runner took cachekit off on close
     for request, handle, image in zip(SD3_REQUESTS, handles, images):
         expected = solo(sd3_pipe, request["prompt"], request["seed"], request["num_inference_steps"],
@@ -104,19 +110,6 @@ def test_sd3_with_a_dynamically_shifting_scheduler_uses_the_stock_shift(sd3_pipe
     finally:
         sd3_pipe.scheduler = stock
     assert max_pixel_difference(image, expected) <= PIXEL_TOLERANCE
-
-
-def serve_mixed(pipe, requests, max_batch=8):
-    """Serve the requests from one runner, the later ones joining the first mid-denoise; images and forwards."""
-    with Runner(pipe, max_batch=max_batch) as runner:
-        first = runner.submit(**requests[0])
-        wait_for_step(first, 2)
-        handles = [first] + [runner.submit(**r) for r in requests[1:]]
-        images = [h.result(timeout=300) for h in handles]
-        forwards = runner.stats()["forwards"]
-        assert set().union(*(s.cached_keys() for s in cachekit.sessions(pipe))) == set()
-    assert forwards < sum(r["num_inference_steps"] for r in requests)  # they shared forwards
-    return handles, images
 
 
 # ----------------------------------------------------------------------------- Sana

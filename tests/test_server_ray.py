@@ -14,7 +14,6 @@ import io
 import json
 import os
 import socket
-import threading
 import time
 
 import httpx
@@ -31,7 +30,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from cachekit.pipelines.server import ServerLimits  # noqa: E402
-from cachekit.pipelines.server.ray_app import REPLICA_HEADER, deployment  # noqa: E402
+from cachekit.pipelines.server.ray_app import REPLICA_HEADER, deployment, run_within  # noqa: E402
 from cachekit.zoo.digits_classifier import recognise  # noqa: E402
 
 API = "/v1/images/generations"
@@ -55,19 +54,7 @@ def ray_server():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = deployment(model="digits", limits=ServerLimits(), runner_options=RUNNER_OPTIONS, replicas=2,
                          num_cpus=0.5)
-        failure: list[BaseException] = []
-
-        def deploy() -> None:
-            try:
-                serve.run(app, name="cachekit", route_prefix="/")
-            except BaseException as err:  # noqa: BLE001 - reported below
-                failure.append(err)
-
-        thread = threading.Thread(target=deploy, daemon=True)
-        thread.start()
-        thread.join(DEPLOY_TIMEOUT_S)
-        assert not thread.is_alive(), f"the deployment was not running within {DEPLOY_TIMEOUT_S} s"
-        assert not failure, failure
+        run_within(app, DEPLOY_TIMEOUT_S)
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(url + "/healthz", timeout=30).status_code == 200
         yield url

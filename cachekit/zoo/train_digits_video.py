@@ -44,9 +44,7 @@ from tqdm.auto import tqdm
 from . import DIGITS_VIDEO_DEFAULTS
 from ._text import build_word_tokenizer, patch_tokenizer_class
 from .digits_video_data import (
-    CANVAS_SIZE,
     DIRECTIONS,
-    NUM_FRAMES,
     VIDEO_TEMPLATES,
     clips,
     video_caption_for,

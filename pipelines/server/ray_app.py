@@ -33,7 +33,7 @@ from ray.serve.config import BackpressureConfig
 
 from .limits import ServerLimits
 
-__all__ = ["CachekitReplica", "build_app", "deployment", "run_on_ray", "REPLICA_HEADER"]
+__all__ = ["CachekitReplica", "build_app", "deployment", "run_on_ray", "run_within", "REPLICA_HEADER"]
 
 REPLICA_HEADER = "x-cachekit-replica"
 
@@ -129,6 +129,31 @@ def build_app(args: dict[str, str]) -> Application:
     if args:
         raise ValueError(f"build_app: unknown argument(s) {', '.join(sorted(args))}")
     return app
+
+
+def run_within(app: Application, timeout_s: float) -> None:
+    """`serve.run(app)`, but raise instead of waiting forever when the replicas are not running in `timeout_s`.
+
+    `serve.run` blocks until every replica is healthy; a replica that cannot start (no CPU left for it, a model
+    that fails to load) would hold a test or a benchmark indefinitely.
+    """
+    import threading
+
+    failure: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.run(app, name="cachekit", route_prefix="/")
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread below
+            failure.append(err)
+
+    thread = threading.Thread(target=deploy, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"the deployment was not running within {timeout_s} s")
+    if failure:
+        raise failure[0]
 
 
 def run_on_ray(*, model: str, limits: ServerLimits, api_key: str | None, runner_options: dict[str, Any],
