@@ -29,6 +29,10 @@ __all__ = [
     "block_registry_has",
     "PEER_HOOK_NAMES",
     "progress_bar_config",
+    "flux_pack_latents",
+    "flux_unpack_latents",
+    "flux_latent_image_ids",
+    "sana_negative_embeds",
     "check_diffusers",
 ]
 
@@ -140,6 +144,32 @@ def progress_bar_config(pipe: Any) -> dict[str, Any]:
     return dict(getattr(pipe, "_progress_bar_config", None) or {})
 
 
+def flux_pack_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents as FLUX's 2x2-patch token sequence (`FluxPipeline._pack_latents`)."""
+    rows, channels, height, width = latents.shape
+    return pipe._pack_latents(latents, rows, channels, height, width)
+
+
+def flux_unpack_latents(pipe: Any, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """FLUX's token sequence back to (B, C, H, W) latents of an image of `height` x `width` pixels."""
+    return pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+
+
+def flux_latent_image_ids(pipe: Any, rows: int, height: int, width: int, device: torch.device,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """FLUX's positional ids of the packed latent tokens (`FluxPipeline._prepare_latent_image_ids`)."""
+    return pipe._prepare_latent_image_ids(rows, height, width, device, dtype)
+
+
+def sana_negative_embeds(pipe: Any, texts: list[str], *, clean_caption: bool,
+                         max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sana's embeddings and mask of negative prompts, as `encode_prompt` makes them: no complex human
+    instruction (`SanaPipeline._get_gemma_prompt_embeds`; the public call applies it to positives only)."""
+    return pipe._get_gemma_prompt_embeds(texts, device=execution_device(pipe), dtype=pipe.text_encoder.dtype,
+                                         clean_caption=clean_caption, max_sequence_length=max_sequence_length,
+                                         complex_human_instruction=False)
+
+
 def check_diffusers() -> list[str]:
     """What of the above no longer matches the installed diffusers (an empty list: everything does)."""
     problems: list[str] = []
@@ -173,6 +203,13 @@ def check_diffusers() -> list[str]:
     from diffusers import DiffusionPipeline
 
     expect(hasattr(DiffusionPipeline, "set_progress_bar_config"), "DiffusionPipeline.set_progress_bar_config")
+    from diffusers import FluxPipeline, SanaPipeline
+
+    for name in ("_pack_latents", "_unpack_latents", "_prepare_latent_image_ids"):
+        expect(callable(getattr(FluxPipeline, name, None)), f"FluxPipeline.{name}")
+    gemma = getattr(SanaPipeline, "_get_gemma_prompt_embeds", None)
+    expect(gemma is not None and "complex_human_instruction" in inspect.signature(gemma).parameters,
+           "SanaPipeline._get_gemma_prompt_embeds(..., complex_human_instruction)")
     from diffusers.hooks import ModelHook
     from diffusers.hooks.hooks import HookFunctionReference
 

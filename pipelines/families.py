@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
-from cachekit.compat import execution_device
+from cachekit.compat import (execution_device, flux_latent_image_ids, flux_pack_latents, flux_unpack_latents,
+                             sana_negative_embeds)
 from cachekit.errors import UsageError
 
 __all__ = ["TextConditioning", "PipelineFamily", "StockFamily", "PixArtFamily", "StableDiffusion3Family", "SanaFamily",
@@ -179,10 +180,12 @@ class _FlowMatching:
         return latents - sigma * prediction
 
 
-def _resolution(pipe: Any, merged: dict[str, Any], default_size: int) -> tuple[int, int]:
+def _resolution(pipe: Any, merged: dict[str, Any], default_size: int, factor: int | None = None) -> tuple[int, int]:
+    """The requested size (the default where none is given), checked against the family's size `factor`
+    (default: the VAE's scale times the transformer's patch)."""
     height = int(merged.get("height") or default_size)
     width = int(merged.get("width") or default_size)
-    factor = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    factor = factor or pipe.vae_scale_factor * pipe.transformer.config.patch_size
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
     return height, width
@@ -304,12 +307,8 @@ class SanaFamily(_FlowMatching, StockFamily):
         from .call import model_call_defaults
 
         merged = {**model_call_defaults(pipe), **overrides}
-        default_size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-        height = int(merged.get("height") or default_size)
-        width = int(merged.get("width") or default_size)
         factor = math.lcm(32, pipe.vae_scale_factor * pipe.transformer.config.patch_size)  # SanaPipeline wants 32
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        height, width = _resolution(pipe, merged, pipe.transformer.config.sample_size * pipe.vae_scale_factor, factor)
         instruction = merged.get("complex_human_instruction", self._stock_instruction(pipe))
         return {"height": height, "width": width,
                 "max_sequence_length": int(merged.get("max_sequence_length", 300)),
@@ -333,10 +332,8 @@ class SanaFamily(_FlowMatching, StockFamily):
     def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
                negative: bool = False) -> list[TextConditioning]:
         if negative:  # what encode_prompt does for the negative prompt: no instruction, no index selection
-            embeds, mask = pipe._get_gemma_prompt_embeds(
-                list(texts), device=execution_device(pipe), dtype=pipe.text_encoder.dtype,
-                clean_caption=settings["clean_caption"], max_sequence_length=settings["max_sequence_length"],
-                complex_human_instruction=False)
+            embeds, mask = sana_negative_embeds(pipe, list(texts), clean_caption=settings["clean_caption"],
+                                                max_sequence_length=settings["max_sequence_length"])
         else:
             embeds, mask, _, _ = pipe.encode_prompt(
                 list(texts), do_classifier_free_guidance=False, device=execution_device(pipe),
@@ -381,12 +378,8 @@ class FluxFamily(_FlowMatching, StockFamily):
         from .call import model_call_defaults
 
         merged = {**model_call_defaults(pipe), **overrides}
-        default_size = pipe.default_sample_size * pipe.vae_scale_factor
-        height = int(merged.get("height") or default_size)
-        width = int(merged.get("width") or default_size)
-        factor = pipe.vae_scale_factor * 2  # packing takes 2x2 latent patches
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise UsageError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        height, width = _resolution(pipe, merged, pipe.default_sample_size * pipe.vae_scale_factor,
+                                    pipe.vae_scale_factor * 2)  # packing takes 2x2 latent patches
         return {"height": height, "width": width, "max_sequence_length": int(merged.get("max_sequence_length", 512))}
 
     def image_seq_len(self, pipe: Any, settings: dict[str, Any]) -> int:
@@ -395,41 +388,32 @@ class FluxFamily(_FlowMatching, StockFamily):
     def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
         import numpy as np
 
-        config = pipe.scheduler.config
-        sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-        own = type(pipe.scheduler).from_config(config)
         mu = self.shift_mu(pipe, settings)
-        if sigmas is not None:  # as retrieve_timesteps calls it
-            own.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-        else:
-            own.set_timesteps(num_steps, device=device, mu=mu)
-        own.set_begin_index(0)
-        return own
+        if pipe.scheduler.config.get("use_flow_sigmas", False):
+            return fresh_scheduler(pipe.scheduler, num_steps, device, mu=mu)
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)  # as the stock call passes them to retrieve_timesteps
+        return fresh_scheduler(pipe.scheduler, None, device, sigmas=sigmas, mu=mu)
 
     def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
         embeds, pooled, _ = pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=execution_device(pipe),
                                                max_sequence_length=settings["max_sequence_length"])
         return [TextConditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(texts))]
 
-    def _latent_size(self, pipe: Any, settings: dict[str, Any]) -> tuple[int, int]:
-        return (2 * (settings["height"] // (pipe.vae_scale_factor * 2)),
-                2 * (settings["width"] // (pipe.vae_scale_factor * 2)))
-
     def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
         dtype = pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.transformer.dtype
         packed, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, settings["height"],
                                          settings["width"], dtype, execution_device(pipe), generator)
-        return pipe._unpack_latents(packed, settings["height"], settings["width"], pipe.vae_scale_factor)
+        return flux_unpack_latents(pipe, packed, settings["height"], settings["width"])
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any],
                 guidance: Sequence[float] | None = None) -> torch.Tensor:
         transformer = pipe.transformer
-        rows, channels, height, width = latents.shape
+        rows, _, height, width = latents.shape
         device = latents.device
-        packed = pipe._pack_latents(latents, rows, channels, height, width)
+        packed = flux_pack_latents(pipe, latents)
         embeds = torch.cat([t.embeds for t in texts])
-        img_ids = pipe._prepare_latent_image_ids(rows, height // 2, width // 2, device, latents.dtype)
+        img_ids = flux_latent_image_ids(pipe, rows, height // 2, width // 2, device, latents.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
         guidance_rows = None
         if transformer.config.guidance_embeds:
@@ -441,7 +425,7 @@ class FluxFamily(_FlowMatching, StockFamily):
             guidance=guidance_rows, pooled_projections=torch.cat([t.pooled for t in texts]),
             encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         scale = pipe.vae_scale_factor
-        return pipe._unpack_latents(prediction, height * scale, width * scale, scale)
+        return flux_unpack_latents(pipe, prediction, height * scale, width * scale)
 
     def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
