@@ -232,3 +232,20 @@ def test_the_shipped_digits_video_model_loads_offline_in_the_stock_wan_pipeline(
                   generator=torch.Generator().manual_seed(0),
                   **zoo.call_defaults("digits-video")).frames[0]
     assert tuple(frames.shape) == (9, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------- check
+def test_the_clip_check_reads_real_clips_and_catches_wrong_prompts():
+    from cachekit.zoo.digits_video_check import check_clips, check_real_clips, direction_of_clip
+
+    real = check_real_clips(60, seed=4)
+    assert real.direction == 1.0 and real.digit_frames >= 0.9  # the ceiling the model figures are read against
+    c = clips("train", 20, seed=5)
+    wrong_digit = [(int(label) + 1) % 10 for label in c.labels]
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    wrong = check_clips(list(c.frames), wrong_digit, [opposite[d] for d in c.direction_names])
+    assert wrong.direction == 0.0 and wrong.digit_frames < 0.2
+    # Float frames in 0..1 read the same as uint8 frames.
+    assert direction_of_clip(c.frames[0].float() / 255) == c.direction_names[0]
+    with pytest.raises(ValueError, match="as many labels"):
+        check_clips(list(c.frames), wrong_digit[:3], c.direction_names)
