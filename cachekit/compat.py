@@ -33,6 +33,7 @@ __all__ = [
     "flux_unpack_latents",
     "flux_latent_image_ids",
     "sana_negative_embeds",
+    "WanStreamingDecoder",
     "check_diffusers",
 ]
 
@@ -170,6 +171,73 @@ def sana_negative_embeds(pipe: Any, texts: list[str], *, clean_caption: bool,
                                          complex_human_instruction=False)
 
 
+class WanStreamingDecoder:
+    """Decode a Wan video's latent frames one chunk at a time, keeping the VAE's causal feature cache between chunks.
+
+    `AutoencoderKLWan._decode` already decodes latent frame by latent frame, but it keeps the causal convolutions'
+    feature cache in the VAE's own `_feat_map` and clears it on every `decode` call, so a stream cannot decode its
+    frames as they finish. This decoder holds its own cache list (one per stream: streams and whole-clip decodes
+    on the same VAE never share one) and calls the decoder as `_decode` does (`post_quant_conv`, the decoder with
+    `feat_cache` / `feat_idx` / `first_chunk`, unpatchify, clamp), so the frames it gives are the frames a
+    whole-clip `vae.decode` gives, to float rounding (`tests/test_video_streams.py` checks it).
+
+    Latents are the VAE's (already de-normalised with `latents_mean` / `latents_std`); the clip's first latent frame
+    gives one pixel frame, every later one 4 (Wan's 1 + 4 + 4 ...), whichever chunk it comes in.
+    The cache holds two frames of features per causal convolution, so a stream of any length takes bounded memory.
+    """
+
+    def __init__(self, vae: Any) -> None:
+        self.vae = vae
+        self._cache: list[Any] | None = [None] * vae._cached_conv_counts["decoder"]
+        self._first = True
+        self.latent_frames = 0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], `[B, C, F, H, W]`, of the next latent frames `[B, z, T, h, w]` of the clip."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        if self._cache is None:
+            raise RuntimeError("this streaming decoder was closed")
+        vae = self.vae
+        x = vae.post_quant_conv(latents)
+        outs = []
+        for i in range(x.shape[2]):
+            outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0],
+                                    first_chunk=self._first))
+            self._first = False
+            self.latent_frames += 1
+        out = torch.cat(outs, 2)
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return torch.clamp(out, min=-1.0, max=1.0)
+
+    def close(self) -> None:
+        """Free the feature cache (what a closed stream gives back)."""
+        self._cache = None
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._cache or () if isinstance(t, torch.Tensor))
+
+
+def _check_wan_vae(expect: Any) -> None:
+    """What `WanStreamingDecoder` relies on: `_cached_conv_counts`, the decoder's cache arguments, `unpatchify`,
+    and `_decode`'s frame-by-frame loop (its source still names `_feat_map` and `first_chunk`)."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+    expect(callable(getattr(wan, "unpatchify", None)), "autoencoder_kl_wan.unpatchify")
+    parameters = set(inspect.signature(wan.WanDecoder3d.forward).parameters)
+    expect({"feat_cache", "feat_idx", "first_chunk"} <= parameters,
+           "WanDecoder3d.forward(x, feat_cache, feat_idx, first_chunk)")
+    source = inspect.getsource(AutoencoderKLWan)
+    expect("_cached_conv_counts" in source and "post_quant_conv" in source,
+           "AutoencoderKLWan._cached_conv_counts / post_quant_conv")
+    decode = inspect.getsource(AutoencoderKLWan._decode)
+    expect("_feat_map" in decode and "first_chunk=True" in decode and "clamp" in decode,
+           "AutoencoderKLWan._decode decodes frame by frame with _feat_map, first_chunk and a clamp")
+
+
 def check_diffusers() -> list[str]:
     """What of the above no longer matches the installed diffusers (an empty list: everything does)."""
     problems: list[str] = []
@@ -215,6 +283,10 @@ def check_diffusers() -> list[str]:
 
     expect(hasattr(ModelHook, "reset_state"), "ModelHook.reset_state")
     expect("original_forward" in vars(HookFunctionReference()), "HookFunctionReference.original_forward")
+    try:
+        _check_wan_vae(expect)
+    except (ImportError, AttributeError, OSError, TypeError) as err:
+        problems.append(f"AutoencoderKLWan internals: {err}")
     return problems
 
 
