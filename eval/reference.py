@@ -1,8 +1,10 @@
 """Reference sets for FID/KID: real images whose feature statistics generated images are compared with.
 
 A reference is named by a string so the CLI and reports can carry it: `digits-heldout` (the embedded model's held-out
-real digits, never trained on: the default for the digits prompt set), `digits-train`, a folder of images, or a `.npz`
-of precomputed `mu`/`sigma` (published COCO / MJHQ statistics work as-is). Feature extraction is split over
+real digits, never trained on: the default for the digits prompt set), `digits-train`, `digits-video-heldout` /
+`digits-video-train` (the frames of real moving-digit clips of either split, the video model's per-frame
+reference), a folder of images, or a `.npz` of precomputed `mu`/`sigma` (published COCO / MJHQ statistics work
+as-is). Feature extraction is split over
 processes and gathered, so every process ends with the same statistics.
 """
 
@@ -20,13 +22,41 @@ from .features import FeatureExtractor
 from .fid import ReferenceStats
 from .images import iter_folder_batches, list_images
 
-__all__ = ["DIGITS_REFERENCES", "build_reference", "reference_images", "features_of"]
+__all__ = ["DIGITS_REFERENCES", "VIDEO_REFERENCES", "VIDEO_REFERENCE_CLIPS", "VIDEO_REFERENCE_SEED",
+           "build_reference", "reference_images", "reference_clips", "features_of"]
 
-DIGITS_REFERENCES = ("digits-heldout", "digits-train")
+VIDEO_REFERENCES = ("digits-video-heldout", "digits-video-train")
+DIGITS_REFERENCES = ("digits-heldout", "digits-train") + VIDEO_REFERENCES
+VIDEO_REFERENCE_CLIPS = 100
+"""Real clips a video reference renders unless told otherwise (900 frames at 9 frames a clip)."""
+VIDEO_REFERENCE_SEED = 0
+
+
+def reference_clips(spec: str, num_clips: int = VIDEO_REFERENCE_CLIPS, seed: int = VIDEO_REFERENCE_SEED):
+    """`num_clips` real clips (`cachekit.zoo.digits_video_data.Clips`) of a video reference split, seeded.
+
+    Why clips are rendered, not stored: `clips(split, n, seed)` is a pure function, so every run, process and
+    machine sees the same reference; the held-out split's digit samples never appear in the video model's training.
+    """
+    if spec not in VIDEO_REFERENCES:
+        raise UsageError(f"video reference must be one of {', '.join(VIDEO_REFERENCES)}, got {spec!r}")
+    from cachekit.zoo.digits_video_data import clips
+
+    return clips(spec.rsplit("-", 1)[1], int(num_clips), seed=seed)
 
 
 def reference_images(spec: str, limit: int | None = None) -> torch.Tensor | list[Path]:
-    """The reference images of `spec`: a uint8 tensor for the digits splits, a sorted file list for a folder."""
+    """The reference images of `spec`: a uint8 tensor for the digits splits, a sorted file list for a folder.
+
+    A video split gives the frames of `VIDEO_REFERENCE_CLIPS` real clips (or of as many as `limit` frames need), clip
+    after clip, `[clips * F, 3, H, W]`.
+    """
+    if spec in VIDEO_REFERENCES:
+        from cachekit.zoo.digits_video_data import NUM_FRAMES
+
+        num_clips = -(-limit // NUM_FRAMES) if limit else VIDEO_REFERENCE_CLIPS
+        frames = reference_clips(spec, num_clips).frames.flatten(0, 1)
+        return frames[:limit] if limit else frames
     if spec in DIGITS_REFERENCES:
         from cachekit.zoo.digits_data import load_split
 
