@@ -6,9 +6,10 @@ The runner serves many requests at different steps in one transformer forward, s
 transformer takes, how CFG rows are laid out, how the output is split). Families are registered by pipeline class
 name; a pipeline with no adapter gets a one-line error naming those that have one.
 
-Shipped: PixArt-Alpha/Sigma, Stable Diffusion 3 (`StableDiffusion3Pipeline`), Sana (`SanaPipeline`) and FLUX.1
-(`FluxPipeline`, guidance-distilled: one row per request, `cfg_rows = False`). A new adapter subclasses
-`StockFamily` (DDPM-style defaults) and overrides what differs; image streams need `supports_streams` (PixArt only).
+Shipped: PixArt-Alpha/Sigma, Stable Diffusion 3 (`StableDiffusion3Pipeline`), Sana (`SanaPipeline`), FLUX.1
+(`FluxPipeline`, guidance-distilled: one row per request, `cfg_rows = False`) and Wan (`WanPipeline`: a request is
+a whole clip; video streams need `supports_video_streams`). A new adapter subclasses `StockFamily` (DDPM-style
+defaults) and overrides what differs; image streams need `supports_streams` (PixArt only).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cachekit.compat import (execution_device, flux_latent_image_ids, flux_pack_
 from cachekit.errors import UsageError
 
 __all__ = ["TextConditioning", "PipelineFamily", "StockFamily", "PixArtFamily", "StableDiffusion3Family", "SanaFamily",
-           "FluxFamily",
+           "FluxFamily", "WanFamily",
            "fresh_scheduler", "stock_default", "register_family", "family_of", "family_names"]
 
 
@@ -116,6 +117,7 @@ class StockFamily:
 
     name = "stock"
     supports_streams = False  # `Runner.open_stream` needs a DDPM-style scheduler (alphas_cumprod)
+    supports_video_streams = False  # `Runner.open_video_stream` needs per-frame noise levels (a video family)
     negatives_apart = False  # True: the stock call encodes a negative prompt differently from the same positive one
     cfg_rows = True  # False: guidance-distilled, one row per request, its scale passed to `forward(guidance=...)`
 
@@ -433,6 +435,81 @@ class FluxFamily(_FlowMatching, StockFamily):
         return pipe.image_processor.postprocess(images, output_type="pil")
 
 
+class WanFamily(_FlowMatching, StockFamily):
+    """Wan 2.1 (`WanPipeline`, and the bundled digits-video model): UMT5 embeddings with no mask, flow matching
+    (the stock call sets plain timesteps: no shift `mu`), CFG as two rows, a request is a whole clip of
+    `num_frames` frames whose latents are `[1, C, T, h, w]` (T = 1 + (num_frames - 1) // 4).
+
+    For video streams (`supports_video_streams`): the transformer takes a 2-D timestep `[rows, tokens]` (one noise
+    level per token, frame-major), the way the digits-video model was trained with independent per-frame noise
+    (`cachekit.zoo.train_digits_video.per_token_timesteps`), and `denormalize` turns latents into what the VAE
+    decodes (`WanStreamingDecoder` decodes them a chunk at a time)."""
+
+    name = "wan"
+    supports_video_streams = True
+
+    def settings(self, pipe: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+        from .call import model_call_defaults
+
+        merged = {**model_call_defaults(pipe), **overrides}
+        factor = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        height, width = _resolution(pipe, {"height": merged.get("height", 480), "width": merged.get("width", 832)},
+                                    0, factor)
+        frames = int(merged.get("num_frames", 81))
+        temporal = pipe.vae_scale_factor_temporal
+        if frames < 1 or (frames - 1) % temporal:
+            raise UsageError(f"num_frames must be {temporal}k+1 for this model (1, {1 + temporal}, "
+                             f"{1 + 2 * temporal}, ...), got {frames}")
+        return {"height": height, "width": width, "num_frames": frames,
+                "max_sequence_length": int(merged.get("max_sequence_length", 512))}
+
+    def group_key(self, settings: dict[str, Any]) -> tuple:
+        return (settings["height"], settings["width"], settings["num_frames"], settings["max_sequence_length"])
+
+    def model_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return latents  # the stock loop does not scale the model input
+
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
+        embeds, _ = pipe.encode_prompt(list(texts), do_classifier_free_guidance=False, device=execution_device(pipe),
+                                       max_sequence_length=settings["max_sequence_length"])
+        embeds = embeds.to(pipe.transformer.dtype)
+        return [TextConditioning(embeds[i : i + 1], None) for i in range(len(texts))]
+
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
+                                    settings["num_frames"], torch.float32, execution_device(pipe), generator)
+
+    def latent_frame(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+        """One latent frame of noise `[1, C, 1, h, w]` (a stream's newest frame), from the stream's generator."""
+        shape = (1, pipe.transformer.config.in_channels, 1, settings["height"] // pipe.vae_scale_factor_spatial,
+                 settings["width"] // pipe.vae_scale_factor_spatial)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(execution_device(pipe))
+
+    def tokens_per_frame(self, pipe: Any, settings: dict[str, Any]) -> int:
+        _, p_h, p_w = pipe.transformer.config.patch_size
+        scale = pipe.vae_scale_factor_spatial
+        return (settings["height"] // scale // p_h) * (settings["width"] // scale // p_w)
+
+    def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
+                texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
+        transformer = pipe.transformer
+        return transformer(hidden_states=latents.to(transformer.dtype), timestep=timesteps.to(latents.device),
+                           encoder_hidden_states=torch.cat([t.embeds for t in texts]), return_dict=False)[0].float()
+
+    def denormalize(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the VAE decodes them (the stock call's `latents_mean` / `latents_std`)."""
+        config = pipe.vae.config
+        latents = latents.to(pipe.vae.dtype)
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        return latents * std + mean
+
+    def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
+        """Each request's clip as a list of PIL frames."""
+        video = pipe.vae.decode(self.denormalize(pipe, latents), return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="pil")
+
+
 _FAMILIES: dict[str, Callable[[], PipelineFamily]] = {}
 
 
@@ -459,3 +536,4 @@ register_family(("PixArtAlphaPipeline", "PixArtSigmaPipeline"), PixArtFamily)
 register_family(("StableDiffusion3Pipeline",), StableDiffusion3Family)
 register_family(("SanaPipeline",), SanaFamily)
 register_family(("FluxPipeline",), FluxFamily)
+register_family(("WanPipeline",), WanFamily)

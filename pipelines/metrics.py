@@ -38,6 +38,7 @@ class RunnerMetrics:
         self._lock = threading.Lock()
         self._served: collections.deque[ServedRequest] = collections.deque(maxlen=window)
         self._frame_gaps: collections.deque[float] = collections.deque(maxlen=window)
+        self._first_frames: collections.deque[float] = collections.deque(maxlen=window)
         self.counts = collections.Counter()
         self.forwards = 0
         self.rows_forwarded = 0
@@ -64,8 +65,11 @@ class RunnerMetrics:
         self.m_active = Gauge("cachekit_active_requests", "Requests being denoised", registry=r)
         self.m_cached = Gauge("cachekit_cached_bytes", "Bytes held in request caches, as of the last request to leave",
                               registry=r)
-        self.m_streams = Gauge("cachekit_open_streams", "Image streams open on the runner", registry=r)
+        self.m_streams = Gauge("cachekit_open_streams", "Image and video streams open on the runner", registry=r)
         self.m_frames = Counter("cachekit_stream_frames", "Stream frames produced", registry=r)
+        self.m_first_frame = Histogram("cachekit_stream_time_to_first_frame_seconds",
+                                       "Video stream opened to its first frame sent", buckets=_LATENCY_BUCKETS,
+                                       registry=r)
         self.m_frame_gap = Histogram("cachekit_stream_frame_gap_seconds", "Time between a stream's output frames",
                                      buckets=_LATENCY_BUCKETS, registry=r)
 
@@ -104,6 +108,12 @@ class RunnerMetrics:
         if gap_s is not None:
             self.m_frame_gap.observe(gap_s)
 
+    def first_frame(self, seconds: float) -> None:
+        """A video stream sent its first frame, `seconds` after it was opened."""
+        with self._lock:
+            self._first_frames.append(seconds)
+        self.m_first_frame.observe(seconds)
+
     def depth(self, queued: int, active: int) -> None:
         self.m_queue.set(queued)
         self.m_active.set(active)
@@ -119,6 +129,7 @@ class RunnerMetrics:
         with self._lock:
             served = list(self._served)
             gaps = list(self._frame_gaps)
+            first_frames = list(self._first_frames)
             counts = dict(self.counts)
             forwards, rows, frames = self.forwards, self.rows_forwarded, self.frames
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -140,5 +151,6 @@ class RunnerMetrics:
                                    if with_deadline else None),
             "frame_gap_s": {"stdev": statistics.pstdev(gaps) if len(gaps) > 1 else None,
                             "p99": _percentile(gaps, 0.99)},
+            "stream_time_to_first_frame_s_p50": _percentile(first_frames, 0.5),
             "uptime_s": elapsed,
         }

@@ -276,7 +276,7 @@ class Runner:
         """Per-runner figures: throughput, batch occupancy, latency percentiles, deadline misses, queue, caches."""
         snapshot = self.metrics.snapshot()
         with self._cv:
-            snapshot.update(queued=len(self._pending), active=len(self._active))
+            snapshot.update(queued=len(self._pending), active=len(self._active), streams=len(self._streams))
         sessions = cachekit.sessions(self.pipe)
         snapshot["cached_bytes"] = sum(s.cached_bytes() for s in sessions)
         snapshot["reused_share_measured"] = sessions[0].stats.reuse_fraction if sessions else None
@@ -641,6 +641,65 @@ class Runner:
             self._streams.append(stream)
         return stream
 
+    def open_video_stream(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        schedule: Any = None,
+        steps: int = 12,
+        window: int = 3,
+        num_frames: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
+        max_unread: int | None = None,
+    ) -> Any:
+        """A video stream (`pipelines.video_streams.VideoStream`): frames, in order, until closed.
+
+        A rolling `window` of latent frames `steps // window` denoising steps apart, one forward per tick (see
+        `video_streams`). `num_frames` makes it a finite clip of that many pixel frames (None: until `close()`);
+        `schedule` is any plan a request takes (a policy spec, a Schedule of `steps // window` steps), applied
+        within each position of the window. Raises `UsageError` on a bad argument or a family without video streams.
+        """
+        from .video_streams import MAX_UNREAD, VideoStream, check_video_stream_args
+
+        if not getattr(self.family, "supports_video_streams", False):
+            raise UsageError(f"video streams need a video pipeline with per-frame noise levels (WanPipeline), not "
+                             f"{type(self.pipe).__name__}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError("prompt must be a non-empty string")
+        if not isinstance(negative_prompt, str):
+            raise UsageError("negative_prompt must be a string")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        check_video_stream_args(steps, window, num_frames, self.pipe.vae_scale_factor_temporal)
+        from .call import model_call_defaults
+
+        if guidance_scale is None:
+            guidance_scale = float(model_call_defaults(self.pipe).get(
+                "guidance_scale", stock_default(self.pipe, "guidance_scale", 5.0)))
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not 0.0 <= float(guidance_scale) <= 100.0:
+            raise UsageError(f"guidance_scale must be a number from 0 to 100, got {guidance_scale!r}")
+        if max_unread is not None and (isinstance(max_unread, bool) or not isinstance(max_unread, int)
+                                       or max_unread < 1):
+            raise UsageError(f"max_unread must be a positive integer, got {max_unread!r}")
+        lag = steps // window
+        plan = self._resolve(schedule, lag)
+        if plan is not None and lag == 1:
+            logger.warning("a video stream with window == steps shifts every tick: its plan has nothing to reuse")
+            plan = None
+        stream = VideoStream(self, f"v{next(self._seq)}", prompt, steps=steps, window=window,
+                             guidance_scale=float(guidance_scale), negative_prompt=negative_prompt, seed=seed,
+                             plan=plan, plan_label=plan_label(schedule), num_frames=num_frames,
+                             max_unread=MAX_UNREAD if max_unread is None else max_unread)
+        with self._cv:
+            if self._closed:
+                raise RunnerClosed("the runner is closed")
+            self._streams.append(stream)
+            self._cv.notify_all()
+        return stream
+
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
@@ -662,6 +721,12 @@ class Runner:
                     logger.exception("stream %s failed; closing it", stream.id)
                     self._streams.remove(stream)
                     stream._shutdown()
+                    self._report_held()
+                    continue
+                if stream.closed:  # a finite video stream that sent its last frame
+                    self._streams.remove(stream)
+                    stream._shutdown()
+                    self._report_held()
 
     def _next_group(self) -> list[ActiveRequest]:
         """The requests that share the next forward: the group of the most urgent active request."""
