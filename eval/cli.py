@@ -13,21 +13,33 @@ from pathlib import Path
 from typing import Any
 
 from cachekit import cli_options as opts
-from cachekit.errors import CachekitError, UsageError
+from cachekit.errors import UsageError
 
-__all__ = ["add_parser", "build_parser", "run", "run_bench", "main", "process_for"]
+__all__ = ["add_parser", "build_parser", "run", "run_video", "run_bench", "main", "process_for"]
 
 _DIGITS_METRICS = "fid,kid,clip,psnr,ssim"
+_VIDEO_MODELS = ("digits-video",)
+_VIDEO_METRICS_HELP = "fid,kid,clip,temporal,psnr,ssim,motion,fvd (default: all but fvd, which --fvd-checkpoint adds)"
 
 
 def _metric_names(text: str) -> str:
-    """An argparse type: a comma list of known metric names (`cachekit.eval.suite.parse_metric_names`)."""
-    from .suite import parse_metric_names
+    """An argparse type: a comma list of known image or video metric names (which ones fit the model is checked
+    once the model is known: `cachekit.eval.suite.parse_metric_names`, `cachekit.eval.video.parse_video_metric_names`)."""
+    from .suite import METRICS
+    from .video import VIDEO_METRICS
 
-    try:
-        parse_metric_names(text)
-    except CachekitError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    known = list(dict.fromkeys([*METRICS, *VIDEO_METRICS]))
+    bad = [n.strip() for n in text.split(",") if n.strip() and n.strip().lower() not in known]
+    if bad or not text.strip(","):
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}; known: {', '.join(known)}")
+    return text
+
+
+def _fvd_checkpoint(text: str) -> str:
+    """An argparse type: an existing local FVD network (an I3D TorchScript file or a VideoMAE folder), as text."""
+    if not text or not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"FVD checkpoint not found: {text} (give a local I3D TorchScript file or "
+                                         "VideoMAE folder; cachekit never downloads one)")
     return text
 
 
@@ -70,7 +82,7 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str, out_help: str
     g = p.add_argument_group("metrics")
     g.add_argument("--metrics", type=_metric_names, default=None,
                    help=f"comma list of fid,kid,clip,psnr,ssim,lpips,imagereward (digits default: {_DIGITS_METRICS}; "
-                        "otherwise clip,psnr,ssim)")
+                        f"otherwise clip,psnr,ssim); for --model digits-video of {_VIDEO_METRICS_HELP}")
     g.add_argument("--fid-ref", default=None,
                    help="FID/KID reference: image folder, mu/sigma .npz (FID only), digits-heldout, digits-train "
                         "(default for the digits prompts: digits-heldout)")
@@ -113,7 +125,17 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     opts.add_schedule(g, many=True, default=["none"],
                       help="one or more plans: " + describe_names() + ". The uncached model is always included.")
     _add_prompts(g)
-    _add_run_options(p, "eval-out", "output folder (report.json, report.md, grid.png, tradeoff.png)")
+    _add_run_options(p, "eval-out", "output folder (report.json, report.md, grid.png, tradeoff.png; for video "
+                                    "strips.png, preview.gif, per_frame.png)")
+    g = p.add_argument_group("video (--model digits-video)")
+    g.add_argument("--fvd-checkpoint", type=_fvd_checkpoint, default=None, metavar="PATH",
+                   help="also report FVD, with the clip features of this local I3D TorchScript file (e.g. StyleGAN-V's "
+                        "i3d_torchscript.pt) or VideoMAE folder; never downloaded")
+    g.add_argument("--ref-clips", type=opts.integer(2, 100_000), default=None,
+                   help="held-out real clips whose frames are the FID/KID (and FVD) reference (default 100)")
+    g.add_argument("--timing-clips", type=opts.integer(1, 4096), default=8,
+                   help="clips per timed call: the speed figure is the time for this many clips (default 8)")
+    g.add_argument("--fps", type=opts.number(0.1, 240.0), default=4.0, help="frame rate of preview.gif (default 4)")
     opts.set_handler(p, run)
     return p
 
@@ -153,7 +175,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "eval", help="measure schedules: FID/KID/CLIP/PSNR/SSIM, latency, MACs, against the uncached model",
         description="Generate the uncached model's images and each schedule's with the same prompts and seeds, "
                     "compute the metrics, time all configurations in the same run, and write OUT/report.json, "
-                    "report.md, grid.png and (several schedules) tradeoff.png.")
+                    "report.md, grid.png and (several schedules) tradeoff.png. With --model digits-video: clips, "
+                    "per-frame FID/KID against held-out real clip frames (beside the real-data floor), per-frame "
+                    "CLIP score, temporal consistency, PSNR/SSIM against the uncached clips, the motion check (digit "
+                    "per frame, direction per clip), the time for --timing-clips clips, FVD with --fvd-checkpoint; "
+                    "OUT/strips.png, preview.gif and per_frame.png.")
     _configure(p)
     bench = subparsers.add_parser(
         "bench", help="compare every method side by side: uncached, cachekit's policy sweeps, schedules and peers",
@@ -284,9 +310,14 @@ def _run_options(args: argparse.Namespace, dist: Any, settings: dict[str, Any]) 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of `cachekit eval`."""
+    """Handler of `cachekit eval` (a video model goes to `run_video`)."""
     from .runner import evaluate
 
+    if args.model in _VIDEO_MODELS:
+        return run_video(args)
+    for option, given in (("--fvd-checkpoint", args.fvd_checkpoint), ("--ref-clips", args.ref_clips)):
+        if given is not None:
+            raise UsageError(f"{option} is for video models (--model {' / '.join(_VIDEO_MODELS)})")
     names = _plan_names(args.schedule, args.steps)
     dist, prompt_set, factory, pipe, settings = _setup(args)
     plans = _resolve_plans(names, pipe, args.steps)
@@ -297,6 +328,51 @@ def run(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["metrics"].items())
             print(f"{name}: speedup {speed}; {shown}")
         print(f"wrote {Path(args.out) / 'report.json'} and report.md")
+    return 0
+
+
+def run_video(args: argparse.Namespace) -> int:
+    """`cachekit eval --model digits-video`: clips uncached and under each plan, `cachekit.eval.video`'s metrics."""
+    from cachekit.pipelines import PipelineCall
+    from cachekit.pipelines.cli import load_checked
+
+    from .suite import MetricConfig
+    from .video import DEFAULT_VIDEO_METRICS, VideoMetricFactory, evaluate_video, video_prompt_set
+
+    if args.prompts not in ("digits", "digits-video") or args.category or args.challenge or args.per_category:
+        raise UsageError(f"--model {args.model} is evaluated on its own prompts (a digit and a direction each); "
+                         "leave --prompts, --category, --challenge and --per-category out")
+    for option, given in (("--fid-ref-num", args.fid_ref_num), ("--save-images", args.save_images or None),
+                          ("--dtype", args.dtype), ("--height", args.height), ("--width", args.width)):
+        if given is not None:
+            hint = " (use --ref-clips)" if option == "--fid-ref-num" else ""
+            raise UsageError(f"{option} is not used by the video evaluation{hint}")
+    names = _plan_names(args.schedule, args.steps)
+    settings = opts.pipeline_settings(args)
+    dist = process_for(args)
+    prompts = video_prompt_set(args.num, args.prompt_seed)
+    call = PipelineCall(tuple(prompts.prompts[:1]), args.steps, settings)
+    config = MetricConfig(names=[], fid_reference=args.fid_ref, fid_features=args.fid_features,
+                          inception_weights=args.inception_weights, resize_mode=args.resize_mode,
+                          clip_model=args.clip_model or "digits", clip_weights=args.clip_weights,
+                          kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
+    factory = VideoMetricFactory(config, args.metrics or DEFAULT_VIDEO_METRICS,
+                                 reference_clips_num=args.ref_clips or 100, fvd_checkpoint=args.fvd_checkpoint,
+                                 dist=dist)
+    pipe = load_checked(args.model, call, device=dist.device)
+    plans = _resolve_plans(names, pipe, args.steps)
+    report = evaluate_video(pipe, plans, prompts, args.steps, factory, args.out, batch_size=args.batch_size,
+                            base_seed=args.seed, pipe_kwargs=settings, model_name=args.model,
+                            latency=not args.no_latency, warmup=args.warmup, repeats=args.repeats,
+                            timing_clips=args.timing_clips, macs=not args.no_macs, strip_samples=args.grid,
+                            fps=args.fps)
+    clips = (report.get("latency_protocol") or {}).get("clips_per_call")
+    rows = {**report["schedules"], f"real clips ({report['real']['source']})": report["real"]}
+    for name, s in rows.items():
+        speed = f"{s['speedup']:.2f}x, {s['seconds_per_call']:.3g} s for {clips} clips" if s.get("speedup") else "-"
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["metrics"].items())
+        print(f"{name}: speedup {speed}; {shown}")
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md, strips.png, preview.gif and per_frame.png")
     return 0
 
 

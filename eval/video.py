@@ -16,8 +16,9 @@ serves as an image, and by `cachekit.zoo.digits_video_check` for what the digits
   Why crops and not whole frames: a digit that moves as asked changes most pixels of its frame, so any plain
   frame-to-frame difference would score a frozen clip best and punish the motion the prompt asks for. The crop takes
   the motion out; what is left is whether the digit keeps its shape from frame to frame (no flicker, morphing or
-  smearing). Real clips move one rigid digit, so theirs is 1 (the ceiling) and a clip whose frames show different
-  digits scores far lower.
+  smearing). Real clips move one rigid digit, so theirs is near 1 (not quite: the crop snaps to whole pixels; the
+  real-clips row gives the ceiling), about 0.2 above whole-frame SSIM, and clips whose frames show different
+  digit samples score far lower.
 - **psnr, ssim** (`PSNR`, `SSIM`): each frame against the same frame of the uncached clip (same prompt, same seed),
   also per frame index (`report["per_frame"]`), since a cache's error can grow along the clip.
 - **motion**: the digit of every frame read by the held-out classifier and the direction of every clip from its
@@ -327,7 +328,8 @@ class TemporalConsistency(SSIM):
     def info(self) -> dict[str, Any]:
         return {"metric": "temporal consistency", "backend": "torchmetrics StructuralSimilarityIndexMeasure",
                 "definition": "mean SSIM between the box-centred 16x16 digit crops of consecutive frames "
-                              "(the motion taken out by the crop; 1 for a rigid moving digit)"}
+                              "(the motion taken out by the crop; 1 for a frozen digit, near 1 for a rigid moving "
+                              "one)"}
 
 
 class MotionCheck:
