@@ -89,12 +89,17 @@ class RuntimePlan(CachePlan, Protocol):
 class _Compiled:
     """One plan at one step count, in the form the hooks consult at every component call."""
 
-    __slots__ = ("plan", "mode", "table", "decider", "forecast", "forecast_table", "order", "observe")
+    __slots__ = ("plan", "mode", "table", "decider", "forecast", "forecast_table", "order", "observe", "keep",
+                 "keep_table")
 
     def __init__(self, plan: Any, num_steps: int) -> None:
         self.plan = plan
         self.mode = None if plan is None else getattr(plan, "mode", "component")
         self.table = self.forecast = self.forecast_table = self.observe = None
+        # keep[step][block][component]: is the value computed there read later? None: always keep (runtime
+        # policies decide as they go, so any computed value may be reused)
+        self.keep: torch.Tensor | None = None
+        self.keep_table: list | None = None
         self.decider: Callable[..., Any] | None = None
         self.order = 0
         if plan is None:
@@ -116,6 +121,23 @@ class _Compiled:
             self.forecast, self.forecast_table = forecast, forecast.tolist()
             self.order = int(getattr(source, "forecast_order", 0))
         self.observe = getattr(plan, "observe", None)
+        if isinstance(recompute, torch.Tensor) and self.forecast is None and self.observe is None:
+            # A static plan reads a stored value only at the reuse steps right after it, so a value is kept only
+            # where the next step reuses: an all-recompute schedule stores nothing, and no per-row bookkeeping
+            # runs on its forwards. (Forecasts read several past values; they keep everything.)
+            keep = torch.zeros_like(recompute)
+            keep[:-1] = recompute[:-1] & ~recompute[1:]
+            self.keep, self.keep_table = keep, keep.tolist()
+
+    def keeps(self, rows: StepRows, block: int, component: int) -> bool:
+        """Whether the value computed for `rows` here is read at a later step of any of them."""
+        if self.plan is None:
+            return False  # uncached rows never read a cache
+        if self.keep is None:
+            return True
+        if rows.uniform_step is not None:
+            return self.keep_table[rows.uniform_step][block][component]
+        return bool(self.keep[rows.steps, block, component].any())
 
     def decide(self, rows: StepRows, block: int, component: int, mode: str) -> bool | torch.Tensor:
         if self.mode != mode:  # uncached rows, or a plan of the other mode: this hook computes for them
@@ -313,6 +335,15 @@ class CacheSession:
             if part is not True:
                 decision[group.index] = part
         return decision
+
+    def keeps(self, rows: StepRows, block: int, component: int, mode: str) -> bool:
+        """Whether the value `rows` compute at this component is read at a later step (else it is not stored)."""
+        groups = rows.groups or self.groups_of(rows)
+        if len(groups) == 1:
+            compiled = groups[0].compiled
+            return compiled.mode == mode and compiled.keeps(rows, block, component)
+        return any(group.compiled.mode == mode and group.compiled.keeps(group.rows, block, component)
+                   for group in groups)
 
     def forecast_orders(self, rows: StepRows, row_index: torch.Tensor | None, block: int,
                         component: int) -> int | list[int]:
@@ -557,18 +588,20 @@ class _RowCachingHook(ModelHook):
             n_compute = int(compute.sum())
             if n_compute in (0, batch):
                 compute = None
+        missed = False
         if n_compute < batch:
             reuse_keys = rows.keys if compute is None else [k for k, c in zip(rows.keys, compute.tolist()) if not c]
             if not cache.has(reuse_keys):  # nothing to reuse yet (e.g. a request joined mid-way): compute
                 session.stats.misses += len(reuse_keys)
-                compute, n_compute = None, batch
+                compute, n_compute, missed = None, batch, True
         session.stats.record(self.name, n_compute, batch - n_compute)
 
         if n_compute == batch:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            value = self._cache_value(args, kwargs, output)
-            cache.store(rows.keys, value, rows.step_list)
-            session.observe(rows, self.block, self.component, self.mode, value)
+            if missed or session.has_observers or session.keeps(rows, self.block, self.component, self.mode):
+                value = self._cache_value(args, kwargs, output)
+                cache.store(rows.keys, value, rows.step_list)
+                session.observe(rows, self.block, self.component, self.mode, value)
             return output
         if n_compute == 0:
             return self._serve(args, kwargs, session.serve(cache, rows, None, self.block, self.component))

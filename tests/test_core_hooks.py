@@ -7,6 +7,7 @@ import torch
 
 import cachekit
 from cachekit.cost import MacProfile, count_macs
+from cachekit.hooks import session_of
 from cachekit.registry import supported_models
 from tiny_models import TINY_MODELS, build, denoise
 
@@ -241,3 +242,25 @@ def test_bare_transformer_without_scheduler_explains_how_to_give_the_step():
     with cachekit.cached(model, cachekit.Schedule.full(model, NUM_STEPS)):
         with pytest.raises(RuntimeError, match="cannot tell the denoising step"):
             denoise(model, TINY_MODELS[name], NUM_STEPS)
+
+
+@pytest.mark.parametrize("mode", ["component", "block"])
+def test_static_plans_store_only_values_that_a_later_step_reads(mode):
+    """An all-recompute schedule keeps nothing (no per-row bookkeeping on its forwards); a reusing one keeps a value
+    only at the step right before a reuse, and the result is the same as keeping everything would give."""
+    name = "PixArtTransformer2DModel"
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    full = cachekit.Schedule.full(model, NUM_STEPS, mode=mode)
+    reuse = cachekit.Schedule.from_mask(model, _reuse_mask(full), mode=mode)
+    for plan, expect_stored in ((full, False), (reuse, True)):
+        scheduler = tiny.scheduler()
+        entries = []
+        with cachekit.cached(model, plan, scheduler=scheduler):
+            session = session_of(model)
+            denoise(model, tiny, NUM_STEPS, scheduler=scheduler, on_step=lambda _: entries.append(
+                session.cached_entries))
+        assert (max(entries) > 0) == expect_stored, (plan, entries)
+    # the same reuse served from a forecast-free runtime copy that keeps every value gives the same output
+    keep_all = reuse.with_forecast(1, where=torch.zeros_like(full.recompute))
+    assert torch.equal(_run(model, tiny, reuse), _run(model, tiny, keep_all))
