@@ -7,7 +7,8 @@ and cache lifetimes stay in the runner, so every request, from this server or fr
 
 Endpoints: `POST /v1/images/generations` (OpenAI's images API, with `stream: true` for server-sent progress),
 `POST /v1/requests/{id}/cancel`, `GET /v1/models`, `GET /healthz`, `GET /metrics`, `WS /v1/stream` (image
-streams), `GET /openapi.json`, and the web page at `/`.
+streams), for a video model `POST /v1/videos` and its job routes (`videos.py`) and `WS /v1/video-stream`
+(`video_socket.py`), `GET /openapi.json`, and the web page at `/`.
 """
 
 
@@ -111,6 +112,10 @@ def create_app(
         try:
             yield
         finally:
+            from .videos import cancel_video_jobs
+
+            served.begin_drain()
+            await cancel_video_jobs(app)
             await _shut_down(served, limits)
 
     app = FastAPI(title="cachekit", version="1", lifespan=lifespan,
@@ -136,6 +141,9 @@ def create_app(
         if body.model is not None and body.model != served.model_id:
             raise ApiError(404, f"model: this server serves {served.model_id!r}, not {body.model!r}", param="model",
                            type="not_found_error")
+        if getattr(runner.family, "supports_video_streams", False):
+            raise ApiError(422, f"this server serves {served.model_id!r}, a video model: use POST /v1/videos or "
+                                "WS /v1/video-stream", param="model")
         try:
             plan = resolve_plan(body.cache, allow_files=False)
         except PlanError as err:
@@ -224,6 +232,11 @@ def create_app(
     from .stream_socket import add_stream_route
 
     add_stream_route(app, served, limits, metrics, runner_or_503)
+    from .video_socket import add_video_stream_route
+    from .videos import add_video_routes
+
+    add_video_routes(app, served, limits, runner_or_503)
+    add_video_stream_route(app, served, limits, metrics, runner_or_503)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -24,6 +24,9 @@ class ServerLimits:
     max_frame_pixels: int = 1024 * 1024
     max_frames_per_s: float = 30.0
     max_streams: int = 8
+    max_video_frames: int = 241  # pixel frames of one /v1/videos job (a WS video stream runs until it is closed)
+    max_video_jobs: int = 8  # /v1/videos jobs generating at once (more: 429)
+    max_video_results: int = 32  # finished jobs whose frames the server keeps for download (oldest go first)
     shutdown_grace_s: float = 10.0
     retry_after_s: int = 1
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from .limits import ServerLimits
 
-__all__ = ["generation_request_model", "GenerationInfo", "GeneratedImage", "ImagesResponse", "ErrorBody",
+__all__ = ["generation_request_model", "video_request_model", "VideoJobBody", "GenerationInfo", "GeneratedImage", "ImagesResponse", "ErrorBody",
            "REQUEST_ID_PATTERN", "parse_size"]
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -74,6 +74,45 @@ def generation_request_model(limits: ServerLimits) -> type[BaseModel]:
                                          description="Your id for this request, for POST /v1/requests/{id}/cancel.")),
     }
     return create_model("ImageGenerationRequest", __base__=_GenerationBase, **fields)
+
+
+def video_request_model(limits: ServerLimits) -> type[BaseModel]:
+    """`POST /v1/videos`'s body under these limits (the same fields configure `WS /v1/video-stream`)."""
+    fields: dict[str, Any] = {
+        "prompt": (str, Field(min_length=1, max_length=limits.max_prompt_chars, description="What to film.")),
+        "model": (str | None, Field(None, description="The served model's id (GET /v1/models); optional.")),
+        "num_frames": (int, Field(9, ge=1, le=limits.max_video_frames, description="Pixel frames of the clip.")),
+        "seed": (int, Field(0, ge=0, le=2**63 - 1)),
+        "steps": (int, Field(12, ge=1, le=limits.max_steps, description="Denoising steps of every latent frame.")),
+        "window": (int, Field(3, ge=1, le=64, description="Latent frames in the rolling window; steps must be a "
+                                                           "multiple of it.")),
+        "guidance_scale": (float | None, Field(None, ge=0.0, le=100.0, description="Default: the model's.")),
+        "negative_prompt": (str, Field("", max_length=limits.max_prompt_chars)),
+        "cache": (str, Field("none", max_length=200, description="'none' or a policy spec (e.g. fora:interval=2), "
+                                                                 "applied within each position of the window.")),
+        "fps": (float, Field(8.0, gt=0.0, le=60.0, description="Frame rate of the encoded result.")),
+    }
+    return create_model("VideoGenerationRequest", __base__=_GenerationBase, **fields)
+
+
+class VideoJobBody(BaseModel):
+    """A `/v1/videos` job as the API reports it (OpenAI's video object, plus cachekit's figures)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["in_progress", "completed", "failed", "cancelled"]
+    progress: float
+    prompt: str
+    num_frames: int
+    frames_done: int
+    fps: float
+    created_at: int
+    completed_at: int | None = None
+    time_to_first_frame_s: float | None = None
+    frames_per_s: float | None = None
+    plan: str
+    error: str | None = None
 
 
 class GenerationInfo(BaseModel):
