@@ -68,7 +68,7 @@ __all__ = [
     "VIDEO_METRICS", "DEFAULT_VIDEO_METRICS", "LOWER_IS_BETTER", "VideoPromptSet", "video_prompt_set",
     "parse_video_metric_names", "clips_uint8", "frame_crops", "generate_clips", "VideoFeatures",
     "I3DFeatures", "VideoMAEFeatures", "load_video_features", "FVD", "TemporalConsistency", "MotionCheck",
-    "VideoMetricSuite", "VideoMetricFactory", "evaluate_video",
+    "VideoMetricSuite", "VideoMetricFactory", "real_floor", "evaluate_video",
 ]
 
 # name -> what it needs besides the clips
@@ -616,7 +616,7 @@ def evaluate_video(
         for k, v in suite.info().items():
             metrics_info.setdefault(k, v)
 
-    real = _real_floor(factory, n)
+    real = real_floor(factory, n)
     timing = _timing(pipe, configs, prompts, num_steps, pipe_kwargs, base_seed, latency=latency, warmup=warmup,
                      repeats=repeats, clips=min(timing_clips, n), macs=macs, device=factory.dist.device)
     report = _assemble(prompts, configs, values, per_frame, real, metrics_info, timing, num_steps, base_seed,
@@ -629,7 +629,7 @@ def evaluate_video(
     return report
 
 
-def _real_floor(factory: VideoMetricFactory, num_clips: int) -> dict[str, Any]:
+def real_floor(factory: VideoMetricFactory, num_clips: int) -> dict[str, Any]:
     """The real-data floor: as many real train-split clips as generated ones, through the same metrics."""
     spec = "digits-video-train" if factory.reference_spec == "digits-video-heldout" else "digits-video-heldout"
     real = reference_clips(spec, num_clips)
