@@ -77,6 +77,9 @@ __all__ = [
     "add_schedule",
     "add_batch_size",
     "add_out",
+    "add_video_options",
+    "FPS",
+    "VIDEO_SCALE",
     # after parsing
     "pipeline_settings",
 ]
@@ -485,6 +488,20 @@ def add_out(parser: Any, *, directory: bool = False, required: bool = False, def
     """`--out`: a file (or with `directory`, a folder), checked writable while parsing, before any work."""
     parser.add_argument("--out", type=output_dir if directory else output_file, required=required, default=default,
                         help=help)
+
+
+FPS = number(0.0, 240.0, low_open=True, why="frames per second")
+VIDEO_SCALE = integer(1, 64, why="integer nearest-neighbour enlargement of each frame")
+
+
+def add_video_options(parser: Any) -> None:
+    """`--fps` and `--scale`: how a video model's clips are written (see `cachekit.pipelines.video_io`); both default
+    to None, which the writer reads as 8 fps and frames enlarged to at least 128 px."""
+    parser.add_argument("--fps", type=FPS, default=None,
+                        help="frames per second of a video output (.mp4, .webm, .gif), in (0, 240] (default 8)")
+    parser.add_argument("--scale", type=VIDEO_SCALE, default=None, metavar="N",
+                        help="enlarge a video model's frames N times, nearest-neighbour, 1..64 (default: the "
+                             "smallest factor giving 128 px; H.264/VP9 cannot keep detail or colour at 32 px)")
 
 
 # ---------------------------------------------------------------------------------------------------- after parsing

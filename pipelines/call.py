@@ -27,7 +27,8 @@ import torch
 
 from cachekit.errors import UsageError
 
-__all__ = ["PipelineCall", "model_call_defaults", "accepted_settings", "RESERVED_SETTINGS"]
+__all__ = ["PipelineCall", "model_call_defaults", "accepted_settings", "makes_video", "pipeline_class_name",
+           "RESERVED_SETTINGS"]
 
 RESERVED_SETTINGS = frozenset({"prompt", "generator", "output_type", "num_inference_steps"})
 """Call arguments `PipelineCall` sets itself."""
@@ -48,6 +49,49 @@ def accepted_settings(pipe: Any) -> frozenset[str] | None:
     that lands there does nothing.
     """
     return _named_parameters(type(pipe))
+
+
+def makes_video(pipeline: Any) -> bool:
+    """Whether a pipeline (an instance, its class, or the class's name in diffusers) makes videos, not images.
+
+    Read off its `__call__`: diffusers' video pipelines (Wan, CogVideoX, LTX, HunyuanVideo, Mochi, AnimateDiff)
+    all take `num_frames` and return `.frames`, its image pipelines take no such setting, so no list of classes is
+    kept here.
+    """
+    if isinstance(pipeline, str):
+        import diffusers
+
+        pipeline = getattr(diffusers, pipeline, None)
+        if pipeline is None:
+            return False
+    accepted = _named_parameters(pipeline if isinstance(pipeline, type) else type(pipeline))
+    return accepted is not None and "num_frames" in accepted
+
+
+def pipeline_class_name(model: str) -> str | None:
+    """The diffusers pipeline class `model` names (a bundled name, a local folder or a cached id), read from its
+    `model_index.json` without loading any weights; None where that file is not here (then only loading tells)."""
+    import json
+    from pathlib import Path
+
+    from cachekit.zoo import pipeline_path
+
+    index = Path(pipeline_path(model)).expanduser() / "model_index.json"
+    if not index.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model), "model_index.json")
+        except (ImportError, ValueError):  # no hub client, or not a repository id
+            return None
+        if not isinstance(cached, str):
+            return None
+        index = Path(cached)
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 @functools.lru_cache(maxsize=64)

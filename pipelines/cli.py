@@ -30,23 +30,68 @@ def load_checked(model: str, call: PipelineCall, device: Any = None, torch_dtype
 
 
 # ---------------------------------------------------------------------------------------------------- generate
+def _checked_out(args: argparse.Namespace, video: bool, pipeline: str | None) -> str:
+    """`--out` (or its default for the model's kind) checked against the model and `--fps` / `--scale`.
+
+    Runs before any image or clip is made: a video suffix for an image model, an unknown suffix for a video model,
+    a missing video encoder or `--fps` for a PNG are one-line errors; every numbered file must be writable.
+    """
+    from cachekit.io import check_writable
+
+    from .video_io import VIDEO_SUFFIXES, check_video_support, is_video_path, numbered_paths
+
+    out = args.out if args.out is not None else ("cachekit.mp4" if video else "cachekit.png")
+    what = f"{args.model} ({pipeline})" if pipeline and pipeline != args.model else args.model
+    if not video:
+        if is_video_path(out):
+            raise UsageError(f"--out {out}: {what} makes images, not videos; write a .png, or use a video model "
+                             "such as --model digits-video")
+        given = [flag for flag, value in (("--fps", args.fps), ("--scale", args.scale)) if value is not None]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise UsageError(f"{' and '.join(given)} {verb} to a video model's clips; {what} makes images")
+        return out
+    if is_video_path(out):
+        check_video_support(out)
+        for path in numbered_paths(out, len(args.prompt) * args.num_images):
+            check_writable(path)
+    elif out.lower().endswith(".png"):
+        if args.fps is not None:
+            raise UsageError(f"--fps applies to video files ({', '.join(VIDEO_SUFFIXES)}), not to the PNG strip {out}")
+    else:
+        raise UsageError(f"--out {out}: {what} makes videos; write {', '.join(VIDEO_SUFFIXES)}, or .png for a strip "
+                         "of frames")
+    return out
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import cachekit
     from cachekit.images import save_image_grid
     from cachekit.plans import plan_label, resolve_plan
 
+    from .call import makes_video, pipeline_class_name
+
+    pipeline = pipeline_class_name(args.model)  # the model's kind from its model_index.json, before it loads
+    out = _checked_out(args, makes_video(pipeline), pipeline) if pipeline is not None else None
     prompts = tuple(args.prompt) * args.num_images  # one row of the grid per round of prompts
     call = PipelineCall(prompts, args.steps, opts.pipeline_settings(args),
                         seeds=tuple(args.seed + i for i in range(len(prompts))), output_type="pt")
     opts.check_plan_steps(args.schedule, args.steps)
     pipe = load_checked(args.model, call, device=args.device)
+    video = makes_video(pipe)
+    if out is None or video != makes_video(pipeline or ""):
+        out = _checked_out(args, video, type(pipe).__name__)
     plan = resolve_plan(args.schedule, pipe.transformer, args.steps)
     with cachekit.cached(pipe, plan) if plan is not None else nullcontext():
         start = time.perf_counter()
         images = call(pipe)
         seconds = time.perf_counter() - start
         stats = [session.stats for session in cachekit.sessions(pipe)]
-    save_image_grid(list(images), args.out, columns=len(args.prompt))
+    if video:
+        written = _write_clips(list(images), out, args)
+    else:
+        save_image_grid(list(images), out, columns=len(args.prompt))
+        written = f"{out}: {len(prompts)} image(s)"
     label = plan_label(args.schedule)
     if plan is None:
         work = "uncached"
@@ -55,26 +100,55 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         reused = sum(s.reused for s in stats)
         unit = "block" if getattr(plan, "mode", "block") == "block" else "component"
         work = f"{label}, reused {reused / max(computed + reused, 1):.0%} of {computed + reused} {unit} evaluations"
-    print(f"wrote {args.out}: {len(prompts)} image(s), {args.steps} steps in {seconds:.2f} s, {work}")
+    print(f"wrote {written}, {args.steps} steps in {seconds:.2f} s, {work}")
     return 0
+
+
+def _write_clips(clips: list[Any], out: str, args: argparse.Namespace) -> str:
+    """Write a video model's clips as `--out` says (video files, numbered when several, or a PNG strip); returns
+    what was written, for the summary line."""
+    from .video_io import DEFAULT_FPS, is_video_path, save_frame_strip, upscale_factor, write_clips
+
+    frames, height, width = len(clips[0]), clips[0].shape[-2], clips[0].shape[-1]
+    scale = args.scale if args.scale is not None else upscale_factor(height, width)
+    shown = f"{width}x{height} px" + (f" enlarged {scale}x" if scale > 1 else "")
+    if not is_video_path(out):
+        save_frame_strip(clips, out, scale=scale)
+        return f"{out}: {len(clips)} clip(s) of {frames} frames ({shown}) as a strip"
+    fps = args.fps if args.fps is not None else DEFAULT_FPS
+    paths = write_clips(clips, out, fps=fps, scale=scale)
+    where = str(paths[0]) if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+    return f"{where}: {len(clips)} clip(s) of {frames} frames ({shown}) at {fps:g} fps"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `cachekit generate` on the core CLI's subparsers."""
+    from .video_io import DEFAULT_FPS
+
     gen = subparsers.add_parser(
-        "generate", help="generate images, optionally with a plan (schedule or policy) applied",
-        description="Generate images with a stock diffusers pipeline (the bundled digits model by default), "
-                    "optionally serving transformer outputs from cache as a plan says. Prints what it wrote, the "
-                    "time of the pipeline call and the share of cached units' evaluations that were reused.")
+        "generate", help="generate images or videos, optionally with a plan (schedule or policy) applied",
+        description="Generate images (or, with a video model such as --model digits-video, clips) with a stock "
+                    "diffusers pipeline (the bundled digits model by default), optionally serving transformer "
+                    "outputs from cache as a plan says. Prints what it wrote, the time of the pipeline call and the "
+                    "share of cached units' evaluations that were reused. A video model writes --out as .mp4 "
+                    "(H.264), .webm (VP9) or .gif, one file per clip (clip-0.mp4, clip-1.mp4, ... when there are "
+                    f"several; clip i has seed + i), at --fps (default {DEFAULT_FPS}), frames enlarged "
+                    "nearest-neighbour to at least 128 px (--scale); or .png, a strip with one row of frames per "
+                    "clip. Video files need the video extra: pip install 'cachekit[video]'.")
     opts.add_model_options(gen)
     opts.add_schedule(gen, help="the plan to apply (default none, the uncached model)")
     gen.add_argument("--prompt", nargs="+", default=["a handwritten 7"], metavar="TEXT",
                      help="one or more prompts (default 'a handwritten 7')")
-    gen.add_argument("--num-images", type=opts.integer(1, 256), default=1, help="images per prompt, 1..256 (default 1)")
+    gen.add_argument("--num-images", type=opts.integer(1, 256), default=1,
+                     help="images (clips, for a video model) per prompt, 1..256 (default 1)")
     opts.add_steps(gen)
     opts.add_guidance_scale(gen)
     opts.add_seed(gen, help="seed of the first image; image i uses seed + i")
-    opts.add_out(gen, default="cachekit.png", help="output PNG (a grid when there are several images)")
+    opts.add_out(gen, default=None,
+                 help="output: a PNG (a grid when there are several images; default cachekit.png); for a video model "
+                      ".mp4, .webm, .gif (numbered files when there are several clips; default cachekit.mp4) or a "
+                      ".png strip of frames")
+    opts.add_video_options(gen)
     opts.set_handler(gen, _cmd_generate)
     return gen
 

@@ -31,6 +31,7 @@ import io
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,14 @@ from cachekit.errors import CachekitError, UsageError
 from cachekit.io import atomic_path
 
 __all__ = [
-    "VIDEO_SUFFIXES", "VIDEO_FORMATS", "MIN_SIDE", "MAX_FPS", "VideoFormat", "VideoDependencyError",
-    "video_format", "is_video_path", "check_video_support", "check_fps", "to_frames", "upscale_factor",
-    "encode_video", "write_video", "read_video", "video_frame_rate",
+    "VIDEO_SUFFIXES", "VIDEO_FORMATS", "DEFAULT_FPS", "MIN_SIDE", "MAX_FPS", "VideoFormat", "VideoDependencyError",
+    "video_format", "is_video_path", "check_video_support", "check_fps", "to_frames", "upscale_factor", "enlarge",
+    "encode_video", "write_video", "numbered_paths", "write_clips", "save_frame_strip", "read_video",
+    "video_frame_rate",
 ]
 
+DEFAULT_FPS = 8
+"""Frames per second when none is given: the bundled digits-video model's 9 frames last a little over a second."""
 MIN_SIDE = 128
 """Default short side, in pixels, that frames are enlarged to (by an integer nearest-neighbour factor)."""
 MAX_FPS = 240.0
@@ -218,7 +222,8 @@ def upscale_factor(height: int, width: int, min_side: int = MIN_SIDE) -> int:
     return max(1, math.ceil(min_side / max(1, min(height, width))))
 
 
-def _prepared(frames: Any, fmt: VideoFormat, scale: int | None) -> np.ndarray:
+def enlarge(frames: Any, scale: int | None = None) -> np.ndarray:
+    """`to_frames(frames)` enlarged `scale` times by nearest neighbour (default: `upscale_factor`, to `MIN_SIDE`)."""
     clip = to_frames(frames)
     if scale is None:
         scale = upscale_factor(clip.shape[1], clip.shape[2])
@@ -226,6 +231,11 @@ def _prepared(frames: Any, fmt: VideoFormat, scale: int | None) -> np.ndarray:
         raise UsageError(f"scale must be an integer factor in 1..64, got {scale!r}")
     if scale > 1:
         clip = clip.repeat(scale, axis=1).repeat(scale, axis=2)
+    return clip
+
+
+def _prepared(frames: Any, fmt: VideoFormat, scale: int | None) -> np.ndarray:
+    clip = enlarge(frames, scale)
     if fmt.pix_fmt == "yuv420p" and (clip.shape[1] % 2 or clip.shape[2] % 2):
         clip = np.pad(clip, ((0, 0), (0, clip.shape[1] % 2), (0, clip.shape[2] % 2), (0, 0)), mode="edge")
     return clip
@@ -264,7 +274,7 @@ def _palette_frames(av: Any, clip: np.ndarray) -> list[Any]:
     return [av.VideoFrame.from_ndarray([np.ascontiguousarray(frame), argb], format="pal8") for frame in indices]
 
 
-def encode_video(frames: Any, fmt: str = "mp4", fps: float = 8, scale: int | None = None) -> bytes:
+def encode_video(frames: Any, fmt: str = "mp4", fps: float = DEFAULT_FPS, scale: int | None = None) -> bytes:
     """One clip encoded in memory as `fmt` (`"mp4"`, `"webm"`, `"gif"`, or a file name with that suffix).
 
     `frames` is anything `to_frames` takes; `scale` the integer nearest-neighbour enlargement (default: to at least
@@ -281,7 +291,7 @@ def encode_video(frames: Any, fmt: str = "mp4", fps: float = 8, scale: int | Non
         return tmp.read_bytes()
 
 
-def write_video(frames: Any, path: str | os.PathLike, fps: float = 8, scale: int | None = None) -> Path:
+def write_video(frames: Any, path: str | os.PathLike, fps: float = DEFAULT_FPS, scale: int | None = None) -> Path:
     """Write one clip to `path`, in the container its suffix names (.mp4 H.264, .webm VP9, .gif); returns the path.
 
     Checks the suffix, the encoder and the frames before writing; the file appears only once complete.
@@ -293,6 +303,47 @@ def write_video(frames: Any, path: str | os.PathLike, fps: float = 8, scale: int
     with atomic_path(target) as tmp:
         _encode_into(str(tmp), clip, spec, rate)
     return target
+
+
+def numbered_paths(path: str | os.PathLike, count: int) -> list[Path]:
+    """Where `count` clips go: `path` itself for one; `clip-0.mp4`, `clip-1.mp4`, ... beside it for several (clip i
+    is the i-th output, the one made with seed + i)."""
+    target = Path(os.fspath(path)).expanduser()
+    if count < 1:
+        raise UsageError(f"no clips to write to {target}")
+    if count == 1:
+        return [target]
+    width = len(str(count - 1))
+    return [target.with_name(f"{target.stem}-{i:0{width}d}{target.suffix}") for i in range(count)]
+
+
+def write_clips(clips: Sequence[Any], path: str | os.PathLike, fps: float = DEFAULT_FPS,
+                scale: int | None = None) -> list[Path]:
+    """Write several clips (e.g. a pipeline's `out.frames`) to `numbered_paths(path, len(clips))`.
+
+    Every clip is encoded before the first file is written, so a bad clip or a codec error writes none of them; each
+    file then appears whole (atomic rename).
+    """
+    from cachekit.io import atomic_write
+
+    spec = check_video_support(path)
+    paths = numbered_paths(path, len(clips))
+    encoded = [encode_video(clip, spec.name, fps=fps, scale=scale) for clip in clips]
+    for target, data in zip(paths, encoded):
+        with atomic_write(target, "wb") as f:
+            f.write(data)
+    return paths
+
+
+def save_frame_strip(clips: Sequence[Any], path: str | os.PathLike, scale: int | None = None) -> Path:
+    """A PNG for people: one row per clip, its frames left to right, enlarged like the videos (`enlarge`)."""
+    from cachekit.images import save_image_grid
+
+    enlarged = [enlarge(clip, scale) for clip in clips]
+    if not enlarged:
+        raise UsageError("no clips to put in a strip")
+    save_image_grid([frame for clip in enlarged for frame in clip], path, columns=enlarged[0].shape[0])
+    return Path(os.fspath(path))
 
 
 # ------------------------------------------------------------------------------------------------------ reading
