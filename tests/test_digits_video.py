@@ -183,6 +183,23 @@ def test_vae_training_sees_the_decoder_output_before_the_clamp():
     assert raw.chunks == []  # removed: the hook keeps nothing afterwards
 
 
+def test_vae_training_decodes_the_second_chunk_from_the_cached_first_one():
+    """By default the VAE trains on whole 9-frame clips, so the decoder runs once per latent frame (first frame,
+    first chunk, then the second chunk from the cached features): a 5-frame crop never trains that last case."""
+    from cachekit.zoo import train_digits_video as T
+
+    torch.manual_seed(0)
+    vae = T.build_vae()
+    calls = []
+    handle = vae.decoder.register_forward_hook(lambda _m, _i, out: calls.append(out.shape[2]))
+    info = T.train_vae(vae, steps=1, batch_size=1, lr=1e-3, seed=0, kl_weight=1e-4)
+    handle.remove()
+    assert info["vae_steps"] == 1
+    assert len(calls) == 3 and sum(calls) == 9
+    with pytest.raises(SystemExit):
+        T.main(["--out", "unused", "--vae-crop-frames", "6"])
+
+
 def test_trainer_runs_every_stage_and_saves_a_loadable_pipeline(tmp_path):
     """Two steps of each stage through the command line entry point: VAE, latent pool, diffusion forcing, save."""
     import json

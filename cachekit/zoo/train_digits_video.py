@@ -9,8 +9,9 @@ from a config written here, so nothing is downloaded and ``WanPipeline.from_pret
 1. a word-level tokenizer over the caption words (:func:`cachekit.zoo._text.build_word_tokenizer`) and a tiny
    ``UMT5EncoderModel`` (the encoder family of Wan);
 2. a small ``AutoencoderKLWan`` (two spatial and two temporal down-samplings: 9x32x32x3 frames <-> 3x8x8x8 latents)
-   trained on clips; its ``latents_mean`` / ``latents_std`` config, which ``WanPipeline`` applies when decoding,
-   are set to the per-channel statistics of the training latents;
+   trained on whole 9-frame clips (the second 4-frame chunk decodes from features cached on the first, so a
+   shorter crop leaves it untrained); its ``latents_mean`` / ``latents_std`` config, which ``WanPipeline``
+   applies when decoding, are set to the per-channel statistics of the training latents;
 3. a ``WanTransformer3DModel`` (12 blocks, width 96) and the text encoder trained jointly with Wan's flow-matching
    objective (``x_t = (1 - s) x_0 + s e``, target ``e - x_0``, timestep ``1000 s``) and **diffusion forcing**: half
    of the clips get one noise level for all frames (what a whole-clip generation sees), the other half an
@@ -45,6 +46,7 @@ from . import DIGITS_VIDEO_DEFAULTS
 from ._text import build_word_tokenizer, patch_tokenizer_class
 from .digits_video_data import (
     DIRECTIONS,
+    NUM_FRAMES,
     VIDEO_TEMPLATES,
     clips,
     video_caption_for,
@@ -85,21 +87,21 @@ def build_text_encoder(vocab_size: int):
     return UMT5EncoderModel(cfg)
 
 
-def build_vae():
-    """A small ``AutoencoderKLWan``: 2 spatial + 2 temporal down-samplings (4x / 4x), 8 latent channels.
+def build_vae(latent_channels: int = LATENT_CHANNELS):
+    """A small ``AutoencoderKLWan``: 2 spatial + 2 temporal down-samplings (4x / 4x), 8 latent channels by default.
 
     ``scale_factor_spatial`` / ``scale_factor_temporal`` in the config match the architecture (``WanPipeline``
     reads them to size its latents). ``latents_mean`` / ``latents_std`` start at 0 / 1 and are set after training.
     """
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(base_dim=VAE_BASE_DIM, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2], num_res_blocks=1,
+    return AutoencoderKLWan(base_dim=VAE_BASE_DIM, z_dim=latent_channels, dim_mult=[1, 2, 2], num_res_blocks=1,
                             attn_scales=[], temperal_downsample=[True, True], dropout=0.0,
-                            latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS,
+                            latents_mean=[0.0] * latent_channels, latents_std=[1.0] * latent_channels,
                             scale_factor_temporal=TEMPORAL_FACTOR, scale_factor_spatial=SPATIAL_FACTOR)
 
 
-def build_transformer(num_layers: int = NUM_LAYERS, zero_init: bool = True):
+def build_transformer(num_layers: int = NUM_LAYERS, zero_init: bool = True, latent_channels: int = LATENT_CHANNELS):
     """A ``WanTransformer3DModel`` (patch (1,2,2), 6 heads of 16, 12 blocks by default), identity at start.
 
     RoPE splits the head dim 16 into time 8 / height 4 / width 4 (all even); ``rope_max_seq_len`` 32 covers the
@@ -108,7 +110,7 @@ def build_transformer(num_layers: int = NUM_LAYERS, zero_init: bool = True):
     from diffusers import WanTransformer3DModel
 
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
-                                  in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM,
+                                  in_channels=latent_channels, out_channels=latent_channels, text_dim=TEXT_DIM,
                                   freq_dim=64, ffn_dim=FFN_DIM, num_layers=num_layers, cross_attn_norm=True,
                                   qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     if zero_init:  # DiT-style identity start: every block's output projections and the final projection at zero
@@ -208,12 +210,14 @@ class _RawDecoderOutput:
 
 
 def train_vae(vae, steps: int, batch_size: int, lr: float, seed: int, kl_weight: float, minutes=None,
-              crop_frames: int = 5) -> Dict[str, float]:
-    """Reconstruction (MSE + L1/2) + small KL on seeded training clips, cropped to ``crop_frames`` (1 + 4) frames.
+              crop_frames: int = NUM_FRAMES) -> Dict[str, float]:
+    """Reconstruction (MSE + L1/2) + small KL on seeded training clips, cropped to ``crop_frames`` frames.
 
-    A 5-frame crop holds one first frame and one 4-frame chunk, the two cases of Wan's causal encoder; longer clips
-    only repeat the chunk with the cached features, so 5 frames teach the same at 5/9 of the cost. Crops start at
-    a seeded frame, so every position of the motion is a first frame sometimes.
+    Whole 9-frame clips by default (1 + 4 + 4 frames): Wan's causal VAE encodes and decodes the second 4-frame chunk
+    from the features it cached on the first, a third case besides the first frame and the first chunk. A VAE trained
+    on 5-frame crops (1 + 4) never sees that case: it reconstructed frames 0-4 at 27-30 dB and frames 5-8 at
+    16-20 dB, and the digit of those frames was read right in only 33-76% of them. Shorter crops start at a seeded
+    frame, so every position of the motion is a first frame sometimes.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -418,11 +422,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=60.0,
                    help="wall-clock budget for all stages together (0: none, the step counts alone stop the stages)")
-    p.add_argument("--vae-fraction", type=float, default=0.25, help="share of --minutes for the VAE")
+    p.add_argument("--vae-fraction", type=float, default=0.3, help="share of --minutes for the VAE")
     p.add_argument("--vae-steps", type=int, default=2000, help="upper bound; the budget usually stops it first")
-    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--vae-batch-size", type=int, default=12)
     p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-crop-frames", type=int, default=NUM_FRAMES,
+                   help=f"frames per VAE training clip (4k+1; default {NUM_FRAMES}, the whole clip)")
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--latent-channels", type=int, default=LATENT_CHANNELS)
     p.add_argument("--pool", type=int, default=8192, help="training clips encoded once for the transformer")
     p.add_argument("--steps", type=int, default=20000, help="upper bound; the budget usually stops it first")
     p.add_argument("--batch-size", type=int, default=32)
@@ -435,6 +442,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.num_layers < 8:
         p.error("--num-layers must be at least 8 (the schedule space needs blocks)")
+    if args.vae_crop_frames % 4 != 1 or not 1 <= args.vae_crop_frames <= NUM_FRAMES:
+        p.error(f"--vae-crop-frames must be 4k+1 and at most {NUM_FRAMES}, got {args.vae_crop_frames}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -444,9 +453,10 @@ def main(argv=None):
     total = _Budget(minutes)
 
     tokenizer = build_tokenizer()
-    vae = build_vae()
+    vae = build_vae(args.latent_channels)
     info = train_vae(vae, args.vae_steps, args.vae_batch_size, args.vae_lr, args.seed, args.kl_weight,
-                     minutes=None if minutes is None else minutes * args.vae_fraction)
+                     minutes=None if minutes is None else minutes * args.vae_fraction,
+                     crop_frames=args.vae_crop_frames)
     info["vae_psnr_heldout_db"] = vae_psnr(vae)
     info["vae_minutes"] = (time.perf_counter() - t0) / 60
     print(f"vae: held-out psnr {info['vae_psnr_heldout_db']:.1f} dB after {info['vae_steps']} steps")
@@ -459,7 +469,7 @@ def main(argv=None):
     t2 = time.perf_counter()
     torch.manual_seed(args.seed + 1)
     text_encoder = build_text_encoder(len(tokenizer))
-    transformer = build_transformer(args.num_layers)
+    transformer = build_transformer(args.num_layers, latent_channels=args.latent_channels)
     left = None if total.end is None else max(0.5, (total.end - time.perf_counter()) / 60 - 0.5)  # 30 s to save
     transformer, text_encoder, tinfo = train_transformer(
         transformer, text_encoder, tokenizer, latents, labels, dirs, args.steps, args.batch_size, args.lr, args.seed,
