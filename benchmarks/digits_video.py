@@ -34,8 +34,8 @@ from cachekit.plans import resolve_plan
 from cachekit.zoo.digits_video_check import check_real_clips
 
 
-def _weights_sha() -> str:
-    path = zoo.pipeline_path("digits-video") / "transformer" / "diffusion_pytorch_model.safetensors"
+def _weights_sha(model: str = "digits-video") -> str:
+    path = zoo.pipeline_path(model) / "transformer" / "diffusion_pytorch_model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
@@ -45,6 +45,8 @@ def _round(values: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="digits-video",
+                        help="the bundled digits-video model (default) or a folder the trainer wrote")
     parser.add_argument("--num", type=int, default=40, help="clips (default 40)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--seed", type=int, default=11, help="prompt-list seed (default 11)")
@@ -60,7 +62,7 @@ def main() -> None:
 
     factory = VideoMetricFactory(MetricConfig(names=[], fid_features=args.fid_features),
                                  "fid,kid,clip,temporal,psnr,ssim,motion", reference_clips_num=args.ref_clips)
-    pipe = zoo.load_pipeline("digits-video")
+    pipe = zoo.load_pipeline(args.model)
     plans = {spec: resolve_plan(spec, pipe.transformer, args.steps) for spec in args.plans}
     report = evaluate_video(pipe, plans, video_prompt_set(args.num, seed=args.seed), args.steps, factory, args.out,
                             batch_size=8, pipe_kwargs=zoo.call_defaults("digits-video"), model_name="digits-video",
@@ -81,7 +83,7 @@ def main() -> None:
             "macs_ratio": round(s["macs_ratio"], 3) if s.get("macs_ratio") is not None else None,
         }
     print(json.dumps({
-        "steps": args.steps, "weights_sha256": _weights_sha(), "fid_features": args.fid_features,
+        "steps": args.steps, "weights_sha256": _weights_sha(args.model), "fid_features": args.fid_features,
         "reference": report["reference"], "configs": rows,
         "real_floor": {"source": report["real"]["source"], "clips": report["real"]["clips"], **_round(real)},
         "real_clips_check": check_real_clips().as_dict(), "torch_threads": torch.get_num_threads(),
