@@ -12,6 +12,7 @@ import base64
 import io
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -212,3 +213,49 @@ def test_the_stream_view_sends_drawn_digits_and_shows_the_frames_back(page, tmp_
     shot = tmp_path / "page.png"
     page.screenshot(path=str(shot), full_page=True)
     assert Image.open(shot).size[0] == 1280
+
+
+# ------------------------------------------------------------------------------------------------ a video model
+@pytest.fixture(scope="module")
+def video_page(browser):
+    """The page of a live server over the digits-video model (no API key)."""
+    with Runner("digits-video", max_batch=4) as runner, ServerThread(create_app(runner=runner)) as live:
+        page = open_page(browser, live.url)
+        page.wait_for_function("document.getElementById('model').textContent === 'digits-video'", timeout=WAIT_MS)
+        page.runner = runner
+        yield page
+        page.context.close()
+
+
+def test_the_page_shows_a_streamed_video_as_its_frames_finish(video_page, tmp_path):
+    from cachekit.zoo.digits_video_check import frame_digits
+
+    page = video_page
+    assert page.locator("#video-section").is_visible() and not page.locator("#generate-section").is_visible()
+    page.fill("#video-prompt", "a handwritten 3 moving left")
+    page.click("#video-start")
+    page.wait_for_function("document.querySelectorAll('#video-strip img[data-loaded]').length >= 10",
+                           timeout=WAIT_MS)
+    page.click("#video-stop")
+    strip = page.evaluate("""() => { const s = document.getElementById('video-strip');
+        return {inOrder: s.dataset.inOrder, received: +s.dataset.received, first: +s.dataset.firstFrameS}; }""")
+    assert strip["inOrder"] == "1" and strip["received"] >= 10 and strip["first"] > 0
+    status = page.inner_text("#video-status")
+    assert re.search(r"first frame after [\d.]+ s · [\d.]+ frames/s · stopped", status), status
+    # the oldest frame shown is the stream's first: a real frame showing the prompted digit, not a fill frame
+    pixels = page.evaluate("""() => { const imgs = [...document.querySelectorAll('#video-strip img[data-loaded]')];
+        const img = imgs[imgs.length - 1]; const c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight; const ctx = c.getContext('2d');
+        ctx.drawImage(img, 0, 0); return {alt: img.alt, w: c.width,
+                                         data: Array.from(ctx.getImageData(0, 0, c.width, c.height).data)}; }""")
+    assert pixels["alt"] == "frame 0" and pixels["w"] == 32
+    rgba = np.array(pixels["data"], dtype=np.uint8).reshape(32, 32, 4)
+    assert int(frame_digits(torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1)[None])[0]) == 3
+    assert not page.locator("#error").is_visible(), page.inner_text("#error")
+    assert page.locator("#video-start").is_enabled() and not page.locator("#video-stop").is_enabled()
+    deadline = time.monotonic() + 30  # Stop closed the socket: the stream's state is freed
+    while page.runner.stats()["streams"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert page.runner.stats()["streams"] == 0 and page.runner.stats()["cached_bytes"] == 0
+    page.screenshot(path=str(tmp_path / "video-page.png"), full_page=True)
+    assert page.script_errors == []

@@ -206,8 +206,9 @@ def create_app(
     # ------------------------------------------------------------------ the rest
     @app.get("/v1/models", summary="The served model")
     async def models() -> dict[str, Any]:
+        video = served.runner is not None and getattr(served.runner.family, "supports_video_streams", False)
         return {"object": "list", "data": [{"id": served.model_id, "object": "model", "created": 0,
-                                            "owned_by": "cachekit"}]}
+                                            "owned_by": "cachekit", "kind": "video" if video else "image"}]}
 
     @app.get("/healthz", summary="200 once the model is loaded and warm, 503 before and while shutting down")
     async def healthz() -> JSONResponse:

@@ -1,5 +1,6 @@
 // cachekit's web page: generate images over the OpenAI-style API (with server-sent progress), chart the runner's
-// figures, and run an image stream over the WebSocket. Plain JS, no build step, no network beyond this server.
+// figures, and run an image stream over the WebSocket; for a video model, show a video stream as its frames finish.
+// Plain JS, no build step, no network beyond this server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -62,6 +63,7 @@ async function loadServerInfo() {
   try {
     const models = await (await api("v1/models")).json();
     $("model").textContent = models.data.map((m) => m.id).join(", ");
+    showModelKind(models.data.some((m) => m.kind === "video") ? "video" : "image");
     showError("");
   } catch (err) {
     $("model").textContent = "?";
@@ -579,6 +581,140 @@ function stopStream() {
   finishStream(current, "stopped");
 }
 
+// ------------------------------------------------------------------------------------------------ video stream
+// A video model streams frames over WS /v1/video-stream as they finish: a JSON header {"type": "frame", index}
+// then the PNG. The page shows the newest frame large, the recent ones in a strip, the time to the first frame and
+// the frame rate since it.
+let video = null;  // {socket, opened, first, received, lastIndex, inOrder, stopped, ready}
+
+function showModelKind(kind) {
+  const isVideo = kind === "video";
+  $("video-section").hidden = !isVideo;
+  for (const id of ["generate-section", "stream-section"]) $(id).hidden = isVideo;
+}
+
+function videoStatus(text) {
+  $("video-status").textContent = text;
+}
+
+function videoUrl() {
+  const url = new URL("v1/video-stream", location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  if (apiKey()) url.searchParams.set("api_key", apiKey());
+  return url.toString();
+}
+
+function videoFigures(current) {
+  const parts = [`frames ${current.received}`];
+  if (current.first !== null) {
+    parts.push(`first frame after ${((current.first - current.opened) / 1000).toFixed(2)} s`);
+    const seconds = (performance.now() - current.first) / 1000;
+    if (current.received > 1 && seconds > 0) parts.push(`${((current.received - 1) / seconds).toFixed(1)} frames/s`);
+  }
+  if (!current.inOrder) parts.push("OUT OF ORDER");
+  return parts.join(" · ");
+}
+
+function startVideo(event) {
+  event.preventDefault();
+  if (video) return;
+  showError("");
+  const socket = new WebSocket(videoUrl());
+  socket.binaryType = "arraybuffer";
+  const current = {socket, opened: performance.now(), first: null, received: 0, lastIndex: -1, inOrder: true,
+                   pending: null, stopped: false, ready: false};
+  video = current;
+  $("video-start").disabled = true;
+  $("video-stop").disabled = false;
+  $("video-strip").replaceChildren();
+  videoStatus("connecting…");
+  socket.onopen = () => {
+    socket.send(JSON.stringify({prompt: $("video-prompt").value, cache: $("video-cache").value,
+                                steps: parseInt($("video-steps").value, 10) || 12,
+                                window: parseInt($("video-window").value, 10) || 3,
+                                seed: parseInt($("video-seed").value, 10) || 0}));
+  };
+  socket.onmessage = (message) => {
+    if (typeof message.data !== "string") {
+      onVideoFrame(current, message.data);
+      return;
+    }
+    let body;
+    try { body = JSON.parse(message.data); } catch (_) { return; }
+    if (body.type === "ready") {
+      current.ready = true;
+      videoStatus(`streaming ${body.width}x${body.height} · ${body.steps} steps, window ${body.window} · ` +
+                  `cache ${body.plan} · waiting for the first frame`);
+    } else if (body.type === "frame") {
+      current.pending = body.index;
+    } else if (body.type === "done") {
+      finishVideo(current, "done");
+    } else if (body.type === "error") {
+      showError(`video: ${body.message}` + (body.retryable ? " (retryable)" : ""));
+    }
+  };
+  socket.onclose = (close) => {
+    if (current.stopped) return;
+    if (!current.ready && !close.wasClean) {
+      showError("video: could not open the WebSocket (is the server up, and the API key right?)");
+    }
+    finishVideo(current, "closed");
+  };
+}
+
+function onVideoFrame(current, data) {
+  const index = current.pending === null ? current.lastIndex + 1 : current.pending;
+  current.pending = null;
+  if (index !== current.lastIndex + 1) current.inOrder = false;
+  current.lastIndex = index;
+  current.received += 1;
+  if (current.first === null) current.first = performance.now();
+  const url = URL.createObjectURL(new Blob([data], {type: "image/png"}));
+  const now = $("video-now");
+  const previous = now.dataset.url;
+  now.src = url;
+  now.dataset.url = url;
+  now.dataset.index = index;
+  $("video-caption").textContent = `frame ${index}`;
+  const img = document.createElement("img");
+  img.className = "pixelated";
+  img.alt = `frame ${index}`;
+  img.src = URL.createObjectURL(new Blob([data], {type: "image/png"}));
+  img.onload = () => { img.dataset.loaded = "1"; };
+  const strip = $("video-strip");
+  strip.prepend(img);
+  while (strip.children.length > KEEP_FRAMES) {
+    const old = strip.lastElementChild;
+    URL.revokeObjectURL(old.src);
+    old.remove();
+  }
+  if (previous) URL.revokeObjectURL(previous);
+  strip.dataset.received = current.received;
+  strip.dataset.inOrder = current.inOrder ? "1" : "0";
+  if (current.first !== null) strip.dataset.firstFrameS = ((current.first - current.opened) / 1000).toFixed(3);
+  videoStatus(videoFigures(current));
+}
+
+function finishVideo(current, why) {
+  if (video === current) video = null;
+  $("video-start").disabled = false;
+  $("video-stop").disabled = true;
+  videoStatus(`${videoFigures(current)} · ${why}`);
+}
+
+function stopVideo() {
+  if (!video) return;
+  const current = video;
+  current.stopped = true;
+  if (current.socket.readyState === WebSocket.OPEN) {
+    current.socket.send(JSON.stringify({type: "close"}));
+    current.socket.close(1000);
+  } else {
+    current.socket.close();
+  }
+  finishVideo(current, "stopped");
+}
+
 // ------------------------------------------------------------------------------------------------ start-up
 function init() {
   const keyInput = $("api-key");
@@ -603,6 +739,8 @@ function init() {
   $("cancel").addEventListener("click", cancel);
   $("stream-form").addEventListener("submit", startStream);
   $("stream-stop").addEventListener("click", stopStream);
+  $("video-form").addEventListener("submit", startVideo);
+  $("video-stop").addEventListener("click", stopVideo);
   window.addEventListener("resize", drawChart);
   loadServerInfo();
   pollHealth();
