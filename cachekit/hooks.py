@@ -560,9 +560,16 @@ class _RowCachingHook(ModelHook):
         self.unbatched = unbatched
         self.cache = session.new_cache()
         self._signature: inspect.Signature | None = None
+        self._positional_names: list[str] = []
+        self._var_positional: str | None = None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         self._signature = inspect.signature(type(module).forward)
+        parameters = list(self._signature.parameters.values())[1:]  # self excluded
+        self._positional_names = [p.name for p in parameters
+                                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        self._var_positional = next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
         return module
 
     # what to store and how to serve it: overridden by the two modes
@@ -624,37 +631,24 @@ class _RowCachingHook(ModelHook):
         return merge_rows([(compute_rows, computed), (reuse_rows, served)], batch)
 
     def _take_input_rows(self, args: tuple, kwargs: dict, index: torch.Tensor, batch_size: int) -> tuple[tuple, dict]:
-        """Slice every batched input to the given rows; broadcast inputs (rotary embeddings, size-1) pass whole."""
-        bound = self._signature.bind(None, *args, **kwargs)
-        bound.arguments.pop(next(iter(bound.arguments)))  # self
+        """Slice every batched input to the given rows; broadcast inputs (rotary embeddings, size-1) pass whole.
+
+        Arguments are matched to parameter names by position, never by binding the signature: this runs on every
+        partly reused module of the runner's mixed-step batches, where binding cost more than the sliced work.
+        """
+        unbatched = self.unbatched
 
         def rows_of(tensor: torch.Tensor) -> torch.Tensor:
             if tensor.ndim > 0 and tensor.shape[0] == batch_size:
                 return tensor.index_select(0, index.to(tensor.device))
             return tensor
 
-        sliced: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            kind = self._signature.parameters[name].kind
-            if name in self.unbatched:
-                sliced[name] = value
-            elif kind is inspect.Parameter.VAR_KEYWORD:
-                sliced[name] = {k: (v if k in self.unbatched else map_tensors(rows_of, v)) for k, v in value.items()}
-            else:
-                sliced[name] = map_tensors(rows_of, value)
-        new_args: list[Any] = []
-        new_kwargs: dict[str, Any] = {}
-        for name, value in sliced.items():
-            kind = self._signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_POSITIONAL:
-                new_args.extend(value)
-            elif kind is inspect.Parameter.VAR_KEYWORD:
-                new_kwargs.update(value)
-            elif kind is inspect.Parameter.POSITIONAL_ONLY:
-                new_args.append(value)
-            else:
-                new_kwargs[name] = value
-        return tuple(new_args), new_kwargs
+        names = itertools.chain(self._positional_names, itertools.repeat(self._var_positional))
+        new_args = tuple(value if name in unbatched else map_tensors(rows_of, value)
+                         for name, value in zip(names, args))
+        new_kwargs = {name: value if name in unbatched else map_tensors(rows_of, value)
+                      for name, value in kwargs.items()}
+        return new_args, new_kwargs
 
 
 class ComponentCacheHook(_RowCachingHook):
@@ -676,8 +670,7 @@ class BlockResidualHook(_RowCachingHook):
         module = super().initialize_hook(module)
         # where each residual input sits among the positional arguments (self excluded): read it directly on every
         # call, since binding the signature costs more than a reused block's whole work on small models
-        names = [p.name for p in self._signature.parameters.values()
-                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)][1:]
+        names = self._positional_names
         self._positions = [names.index(name) if name in names else None for name in self.residual_outputs]
         return module
 

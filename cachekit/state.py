@@ -268,14 +268,27 @@ class RowCache:
         superseded.apply()
 
     def _rows_of(self, keys: Sequence[Hashable], age: int) -> Any:
-        """The value `age` computations back (0: newest) for each key, as one batch."""
+        """The value `age` computations back (0: newest) for each key, as one batch.
+
+        One row selection per stored batch the keys read from, never one per key: in the runner, rows at different
+        steps were computed in a few earlier ticks, and a per-row copy on every reused module made caching slower
+        than computing.
+        """
         points = [self._entries[key][-1 - age][1] for key in keys]
         first = points[0]
-        if all(p is first and p.members[k] == i for i, (p, k) in enumerate(zip(points, keys))) and \
-                _batch_len(first.value) == len(keys):
-            return first.value
-        parts = [take_rows(p.value, torch.tensor([p.members[k]])) for p, k in zip(points, keys)]
-        return _zip_trees(parts, lambda tensors: torch.cat(tensors, dim=0))
+        if all(p is first for p in points):
+            rows = [first.members[k] for k in keys]
+            if rows == list(range(len(rows))) and _batch_len(first.value) == len(rows):
+                return first.value  # the same requests in the same order as when computed: no copy
+            return take_rows(first.value, torch.tensor(rows))
+        by_batch: dict[int, tuple[_Stored, list[int], list[int]]] = {}
+        for position, (point, key) in enumerate(zip(points, keys)):
+            _, positions, rows = by_batch.setdefault(id(point), (point, [], []))
+            positions.append(position)
+            rows.append(point.members[key])
+        parts = [(torch.tensor(positions), take_rows(point.value, torch.tensor(rows)))
+                 for point, positions, rows in by_batch.values()]
+        return merge_rows(parts, len(keys))
 
     def gather(self, keys: Sequence[Hashable]) -> Any:
         return self._rows_of(keys, 0)
