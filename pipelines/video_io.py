@@ -30,6 +30,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
@@ -119,7 +120,7 @@ def check_video_support(path_or_name: str | os.PathLike) -> VideoFormat:
     av = _av()
     try:
         av.codec.Codec(fmt.codec, "w")
-    except Exception:  # an FFmpeg build without the codec (PyAV's own wheels have all three)
+    except ValueError:  # UnknownCodecError: an FFmpeg build without the codec (PyAV's own wheels have all three)
         raise VideoDependencyError(
             f"this PyAV's FFmpeg has no {fmt.codec} encoder for {fmt.suffix}: reinstall PyAV from its wheels "
             f"({_EXTRA_HINT})") from None
@@ -243,7 +244,19 @@ def _prepared(frames: Any, fmt: VideoFormat, scale: int | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------ writing
 def _encode_into(target: Any, clip: np.ndarray, fmt: VideoFormat, rate: Fraction) -> None:
+    """Encode `clip` into `target`; FFmpeg refusing the frames (a size past the codec's limits) is a one-line
+    `UsageError` naming the format and the size, not a traceback."""
     av = _av()
+    height, width = clip.shape[1:3]
+    try:
+        _encode_frames(av, target, clip, fmt, rate)
+    except av.error.FFmpegError as err:
+        reason = " ".join(re.sub(r"^\[Errno -?\d+\] ", "", str(err)).split())
+        raise UsageError(f"cannot encode {len(clip)} frames of {width}x{height} as {fmt.suffix} ({fmt.codec}): "
+                         f"{reason}") from None
+
+
+def _encode_frames(av: Any, target: Any, clip: np.ndarray, fmt: VideoFormat, rate: Fraction) -> None:
     height, width = clip.shape[1:3]
     with av.open(target, mode="w", format=fmt.container, options=dict(fmt.container_options)) as container:
         stream = container.add_stream(fmt.codec, rate=rate, options=dict(fmt.codec_options))

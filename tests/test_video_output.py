@@ -140,7 +140,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 def test_a_failed_encoding_leaves_no_file(tmp_path: Path) -> None:
     """Frames too large for H.264's level limits fail inside FFmpeg: the error comes up, no file or temp remains."""
     big = np.zeros((1, 2, 40000, 3), np.uint8)
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError, match=r"cannot encode 1 frames of 40000x2 as \.mp4 \(libx264\): "):
         write_video(big, tmp_path / "big.mp4", scale=1)
     assert list(tmp_path.iterdir()) == []
 
