@@ -420,8 +420,8 @@ def add_model_options(parser: Any, *, cpu_alias: bool = False, pipe_arg_alias: b
     """
     parser.add_argument(
         "--model", default="digits", metavar="NAME_OR_FOLDER",
-        help="bundled model name ('digits', the default) or a local diffusers pipeline folder or a model id already "
-             "in the Hugging Face cache (nothing is downloaded)")
+        help="bundled model name ('digits', the default; 'digits-video', the video model) or a local diffusers "
+             "pipeline folder or a model id already in the Hugging Face cache (nothing is downloaded)")
     parser.add_argument("--device", type=device, default=None,
                         help="torch device to run on (default: the GPU when there is one, under `accelerate launch` "
                              "each process's own; else cpu)")
