@@ -504,6 +504,14 @@ class WanFamily(_FlowMatching, StockFamily):
         std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         return latents * std + mean
 
+    def normalize(self, pipe: Any, encoded: torch.Tensor) -> torch.Tensor:
+        """VAE latents (`vae.encode(...).latent_dist.mean`) as the transformer's latents (the inverse of
+        `denormalize`)."""
+        config = pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(encoded.device, encoded.dtype)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(encoded.device, encoded.dtype)
+        return ((encoded - mean) / std).float()
+
     def decode(self, pipe: Any, latents: torch.Tensor) -> list[Any]:
         """Each request's clip as a list of PIL frames."""
         video = pipe.vae.decode(self.denormalize(pipe, latents), return_dict=False)[0]

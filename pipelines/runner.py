@@ -647,7 +647,7 @@ class Runner:
         *,
         seed: int = 0,
         schedule: Any = None,
-        steps: int = 12,
+        steps: int = 8,
         window: int = 3,
         num_frames: int | None = None,
         guidance_scale: float | None = None,
@@ -656,9 +656,9 @@ class Runner:
     ) -> Any:
         """A video stream (`pipelines.video_streams.VideoStream`): frames, in order, until closed.
 
-        A rolling `window` of latent frames `steps // window` denoising steps apart, one forward per tick (see
-        `video_streams`). `num_frames` makes it a finite clip of that many pixel frames (None: until `close()`);
-        `schedule` is any plan a request takes (a policy spec, a Schedule of `steps // window` steps), applied
+        A rolling `window` of latent frames, an anchor and frames `steps // (window - 1)` denoising steps apart, one
+        forward per tick (see `video_streams`). `num_frames` makes it a finite clip of that many pixel frames (None: until `close()`);
+        `schedule` is any plan a request takes (a policy spec, a Schedule of `steps // (window - 1)` steps), applied
         within each position of the window. Raises `UsageError` on a bad argument or a family without video streams.
         """
         from .video_streams import MAX_UNREAD, VideoStream, check_video_stream_args

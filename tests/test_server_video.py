@@ -98,7 +98,8 @@ def test_a_cancelled_job_frees_its_stream(client, server):
 @pytest.mark.parametrize("body, status, word", [
     ({"prompt": ""}, 422, "prompt"),
     ({"prompt": PROMPT, "num_frames": 65}, 422, "num_frames"),
-    ({"prompt": PROMPT, "steps": 10, "window": 3}, 422, "multiple of window"),
+    ({"prompt": PROMPT, "steps": 9, "window": 3}, 422, "multiple of window - 1"),
+    ({"prompt": PROMPT, "window": 1}, 422, "window"),
     ({"prompt": PROMPT, "cache": "/etc/passwd"}, 422, "cache"),
     ({"prompt": PROMPT, "model": "other"}, 404, "serves"),
     ({"prompt": PROMPT, "colour": "red"}, 422, "unknown field"),
@@ -169,7 +170,7 @@ def test_a_finite_websocket_stream_ends_with_done_and_bad_options_are_refused(se
             headers.append(message["index"])
             socket.recv(timeout=60)
         assert headers == list(range(5)) and message["frames"] == 5
-    for options, word in (({"prompt": PROMPT, "window": 5, "steps": 12}, "multiple of window"),
+    for options, word in (({"prompt": PROMPT, "window": 6, "steps": 12}, "multiple of window - 1"),
                           ({"prompt": ""}, "prompt"), ({"prompt": PROMPT, "num_frames": 0}, "num_frames")):
         with connect(server.ws_url + "/v1/video-stream", open_timeout=30) as socket:
             socket.send(json.dumps(options))

@@ -83,9 +83,9 @@ def video_request_model(limits: ServerLimits) -> type[BaseModel]:
         "model": (str | None, Field(None, description="The served model's id (GET /v1/models); optional.")),
         "num_frames": (int, Field(9, ge=1, le=limits.max_video_frames, description="Pixel frames of the clip.")),
         "seed": (int, Field(0, ge=0, le=2**63 - 1)),
-        "steps": (int, Field(12, ge=1, le=limits.max_steps, description="Denoising steps of every latent frame.")),
-        "window": (int, Field(3, ge=1, le=64, description="Latent frames in the rolling window; steps must be a "
-                                                           "multiple of it.")),
+        "steps": (int, Field(8, ge=1, le=limits.max_steps, description="Denoising steps of every latent frame.")),
+        "window": (int, Field(3, ge=2, le=64, description="Latent frames in each forward (an anchor, then frames "
+                                                           "being denoised); steps must be a multiple of window - 1.")),
         "guidance_scale": (float | None, Field(None, ge=0.0, le=100.0, description="Default: the model's.")),
         "negative_prompt": (str, Field("", max_length=limits.max_prompt_chars)),
         "cache": (str, Field("none", max_length=200, description="'none' or a policy spec (e.g. fora:interval=2), "

@@ -1,7 +1,7 @@
 """`WS /v1/video-stream`: a video stream over a WebSocket, frames sent as they finish, for as long as it is open.
 
 The protocol:
-    client -> {"prompt": "...", "seed"?: 0, "steps"?: 12, "window"?: 3, "cache"?: "none", "guidance_scale"?,
+    client -> {"prompt": "...", "seed"?: 0, "steps"?: 8, "window"?: 3, "cache"?: "none", "guidance_scale"?,
                "negative_prompt"?, "num_frames"?: N}           (the fields of POST /v1/videos; no num_frames: endless)
     server -> {"type": "ready", "stream_id", "height", "width", "steps", "window", "lag", "plan"}
     server -> per frame, in order: {"type": "frame", "index": i, "time_s": t} then the frame as binary PNG

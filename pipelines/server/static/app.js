@@ -630,7 +630,7 @@ function startVideo(event) {
   videoStatus("connecting…");
   socket.onopen = () => {
     socket.send(JSON.stringify({prompt: $("video-prompt").value, cache: $("video-cache").value,
-                                steps: parseInt($("video-steps").value, 10) || 12,
+                                steps: parseInt($("video-steps").value, 10) || 8,
                                 window: parseInt($("video-window").value, 10) || 3,
                                 seed: parseInt($("video-seed").value, 10) || 0}));
   };
