@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -113,12 +114,12 @@ def resolve_plan(plan: PlanLike, transformer: nn.Module | None = None, num_steps
     shipped = shipped_schedules()
     if not allow_files:
         if spec in shipped:
-            return Schedule.load(shipped[spec])
+            return _load_shipped(shipped[spec])
         known = ", ".join(["none", *sorted(shipped), *sorted([*static, *runtime])])
         raise PlanError(f"unknown plan {spec!r} (files are not accepted here); known: {known}")
     path = Path(spec).expanduser()
     if spec in shipped and not path.exists():
-        return Schedule.load(shipped[spec])
+        return _load_shipped(shipped[spec])
     if path.is_dir():
         raise PlanError(f"{spec} is a folder, not a schedule file")
     if path.exists():
@@ -128,6 +129,22 @@ def resolve_plan(plan: PlanLike, transformer: nn.Module | None = None, num_steps
             raise PlanError(f"unknown policy {name!r} in {spec!r}; policies: {', '.join(sorted([*static, *runtime]))}")
         raise PlanError(f"schedule file not found: {spec}")
     raise PlanError(f"unknown plan {spec!r}; give {describe_names()}")
+
+
+def _load_shipped(path: Path) -> Schedule:
+    """A shipped schedule, parsed once per file version and then shared.
+
+    A server resolves a plan name on every request; parsing the file each time, and compiling each fresh copy
+    into the hooks' tables, cost more than a request's caching saved. Schedules are never changed in place
+    (their methods return new ones), so every request may hold the same object.
+    """
+    stat = path.stat()
+    return _parse_shipped(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_shipped(path: str, mtime_ns: int, size: int) -> Schedule:
+    return Schedule.load(path)
 
 
 def _from_file(path: Path) -> Any:
