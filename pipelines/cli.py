@@ -79,7 +79,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     opts.check_plan_steps(args.schedule, args.steps)
     pipe = load_checked(args.model, call, device=args.device)
     video = makes_video(pipe)
-    if out is None or video != makes_video(pipeline or ""):
+    if out is None or pipeline != type(pipe).__name__:  # its model_index.json did not tell, or told otherwise
         out = _checked_out(args, video, type(pipe).__name__)
     plan = resolve_plan(args.schedule, pipe.transformer, args.steps)
     with cachekit.cached(pipe, plan) if plan is not None else nullcontext():
