@@ -308,3 +308,15 @@ def test_generate_help_documents_video_output(capsys):
     for words in ("--fps FPS", "--scale N", ".mp4 (H.264), .webm (VP9) or .gif", "clip-0.mp4",
                   "pip install 'cachekit[video]'", "--model digits-video", ".png strip of frames"):
         assert words in text, words
+
+
+def test_the_kind_of_model_is_known_before_it_loads(tmp_path: Path) -> None:
+    from cachekit.pipelines.call import makes_video, pipeline_class_name
+
+    assert pipeline_class_name("digits") == "PixArtAlphaPipeline"
+    assert pipeline_class_name("digits-video") == "WanPipeline"
+    (tmp_path / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    assert pipeline_class_name(str(tmp_path)) == "CogVideoXPipeline"
+    assert pipeline_class_name(str(tmp_path / "absent")) is None and pipeline_class_name("not a repo id!") is None
+    assert [makes_video(name) for name in ("WanPipeline", "CogVideoXPipeline", "PixArtAlphaPipeline",
+                                           "FluxPipeline", "NoSuchPipeline")] == [True, True, False, False, False]
