@@ -20,7 +20,8 @@ therefore enlarged by an integer nearest-neighbour factor (`scale`; by default t
 edge row or column if a side is still odd. GIF is scaled the same way, so every format shows the same picture.
 
 GIF frames share one palette quantised from the whole clip (no flicker between frames) and every frame is kept,
-also repeated ones, so a GIF has exactly the clip's frame count. Every file goes through `cachekit.io.atomic_path`:
+also repeated ones, so a GIF has exactly the clip's frame count; GIF stores delays in 1/100 s, so 8 fps plays at
+8.33. Every file goes through `cachekit.io.atomic_path`:
 an error never leaves a half-written video behind.
 """
 
