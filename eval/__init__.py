@@ -7,6 +7,9 @@
     bench = run_bench(pipe, digits_prompts(40), 20, "fid,clip,psnr", "bench-out",  # every method side by side
                       default_reference="digits-heldout")
 
+    video = evaluate_video(video_pipe, {"fora2": "fora:interval=2"}, video_prompt_set(40), 20,  # clips
+                           VideoMetricFactory(MetricConfig([])), "video-out")
+
 Names are imported on first use, so `cachekit --help` does not pay for torchmetrics and open_clip.
 """
 
@@ -52,6 +55,9 @@ _EXPORTS = {
     "count_call_macs": "latency",
     "LatencyStats": "latency",
     "write_report": "report",
+    "evaluate_video": "video",
+    "VideoMetricFactory": "video",
+    "video_prompt_set": "video",
     "get_dist": "distributed",
 }
 

@@ -333,6 +333,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_video(args: argparse.Namespace) -> int:
     """`cachekit eval --model digits-video`: clips uncached and under each plan, `cachekit.eval.video`'s metrics."""
+    import torch
+
     from cachekit.pipelines import PipelineCall
     from cachekit.pipelines.cli import load_checked
 
@@ -342,10 +344,9 @@ def run_video(args: argparse.Namespace) -> int:
     if args.prompts not in ("digits", "digits-video") or args.category or args.challenge or args.per_category:
         raise UsageError(f"--model {args.model} is evaluated on its own prompts (a digit and a direction each); "
                          "leave --prompts, --category, --challenge and --per-category out")
-    for option, given in (("--fid-ref-num", args.fid_ref_num), ("--save-images", args.save_images or None),
-                          ("--dtype", args.dtype), ("--height", args.height), ("--width", args.width)):
+    for option, given, hint in (("--fid-ref-num", args.fid_ref_num, " (use --ref-clips)"),
+                                ("--save-images", args.save_images or None, " (strips.png and preview.gif show clips)")):
         if given is not None:
-            hint = " (use --ref-clips)" if option == "--fid-ref-num" else ""
             raise UsageError(f"{option} is not used by the video evaluation{hint}")
     names = _plan_names(args.schedule, args.steps)
     settings = opts.pipeline_settings(args)
@@ -359,7 +360,8 @@ def run_video(args: argparse.Namespace) -> int:
     factory = VideoMetricFactory(config, args.metrics or DEFAULT_VIDEO_METRICS,
                                  reference_clips_num=args.ref_clips or 100, fvd_checkpoint=args.fvd_checkpoint,
                                  dist=dist)
-    pipe = load_checked(args.model, call, device=dist.device)
+    pipe = load_checked(args.model, call, device=dist.device,
+                        torch_dtype=getattr(torch, args.dtype) if args.dtype else None)
     plans = _resolve_plans(names, pipe, args.steps)
     report = evaluate_video(pipe, plans, prompts, args.steps, factory, args.out, batch_size=args.batch_size,
                             base_seed=args.seed, pipe_kwargs=settings, model_name=args.model,

@@ -35,6 +35,7 @@ timed round-robin with the uncached model in the same run (`measure_interleaved`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 
 from cachekit.errors import UsageError
 from cachekit.pipelines.call import PipelineCall
+from cachekit.plans import resolve_plan
 
 from .distributed import Dist, global_batches
 from .fid import ReferenceStats, frechet_distance
@@ -501,10 +503,10 @@ class VideoMetricFactory:
         # the network first: a missing or wrong checkpoint fails before any reference feature is computed
         self.fvd_network = load_video_features(fvd_checkpoint).to(self.dist.device) if fvd_checkpoint else None
         image_names = [n for n in _IMAGE_PARTS if n in self.names]
-        frames_per_clip = reference_clips(self.reference_spec, 1).frames.shape[1]
-        self.image_config = MetricConfig(**{**config.__dict__, "names": image_names,
-                                            "fid_reference": self.reference_spec,
-                                            "reference_limit": self.reference_clips_num * frames_per_clip})
+        from cachekit.zoo.digits_video_data import NUM_FRAMES
+
+        self.image_config = dataclasses.replace(config, names=image_names, fid_reference=self.reference_spec,
+                                                reference_limit=self.reference_clips_num * NUM_FRAMES)
         self.image = MetricFactory(self.image_config, self.dist)
         self.fvd_reference = None
         if self.fvd_network is not None:
@@ -564,8 +566,8 @@ def evaluate_video(
 
     Args:
         pipe: a text-to-video diffusers pipeline returning `[N, F, 3, H, W]` frames (the bundled `digits-video`).
-        plans: name -> plan (anything `cachekit.enable` takes); None or the name "uncached" is the uncached model,
-            which is always evaluated first.
+        plans: name -> plan (anything `cachekit.resolve_plan` takes: a Schedule, a policy, a shipped name or a
+            spec such as "fora:interval=2"); the uncached model is always evaluated first, as "uncached".
         prompts: a `VideoPromptSet`; prompt i always uses seed `base_seed + i`.
         factory: the metrics (`VideoMetricFactory`, built before the pipeline loads so missing weights fail early).
         out_dir: where report.json, report.md, strips.png, preview.gif, per_frame.png (and with several plans
@@ -579,13 +581,15 @@ def evaluate_video(
     n = len(prompts)
     if n == 0:
         raise UsageError("no prompts to evaluate")
+    if "fvd" in factory.names and n < 2:
+        raise UsageError(f"FVD compares sets of clips and needs at least 2, got {n}; evaluate more prompts")
     configs: dict[str, Any] = {UNCACHED: None}
     for name, plan in plans.items():
         if plan is None:
             continue
         if name == UNCACHED:
             raise UsageError(f"'{UNCACHED}' is reserved for the uncached model; rename that plan")
-        configs[name] = plan
+        configs[name] = resolve_plan(plan, pipe.transformer, num_steps)  # names and specs too; objects as they are
     pipe_kwargs = dict(pipe_kwargs or {})
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)

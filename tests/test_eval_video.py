@@ -40,20 +40,38 @@ class TinyVideoNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.conv = torch.nn.Conv3d(3, 8, kernel_size=3, stride=2, padding=1)
+        self.conv = torch.nn.Conv3d(3, 8, kernel_size=4, stride=4)
         self.pool = torch.nn.AdaptiveAvgPool3d((2, 2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, 3, T, H, W] in -1..1
         return self.pool(torch.relu(self.conv(x))).flatten(1)
 
 
+class TinyVideoNetWithFlags(TinyVideoNet):
+    """The same network with the StyleGAN-V I3D's call flags: logits unless `return_features=True`."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        feats = self.pool(torch.relu(self.conv(x))).flatten(1)
+        return feats if return_features else feats[:, :2]
+
+
+def _script(module: torch.nn.Module, path) -> None:
+    with warnings.catch_warnings():  # torch deprecates TorchScript, but FVD's I3D files are TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(module.eval()), str(path))
+
+
 @pytest.fixture(scope="module")
 def i3d_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("fvd") / "tiny_i3d.pt"
-    with warnings.catch_warnings():  # torch deprecates TorchScript, but FVD's I3D files are TorchScript
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(TinyVideoNet().eval()), str(path))
+    _script(TinyVideoNet(), path)
     return path
+
+
+def test_an_i3d_with_stylegan_v_flags_gives_its_features(tmp_path, heldout):
+    _script(TinyVideoNetWithFlags(), tmp_path / "flags.pt")
+    assert load_video_features(tmp_path / "flags.pt")(heldout.frames[:2]).shape == (2, 64)
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +164,12 @@ def test_metric_names_and_prompts():
 
 # ------------------------------------------------------------------------------------------------------------ FVD
 def test_fvd_is_the_frechet_distance_of_clip_features(i3d_file, heldout):
-    net = load_video_features(i3d_file)
-    assert isinstance(net, I3DFeatures)
-    real = heldout.frames
-    ref_feats = net(real)
-    assert ref_feats.shape == (20, 64)
     factory = VideoMetricFactory(CLIP_FEATURES, "motion", reference_clips_num=20, fvd_checkpoint=i3d_file)
     assert factory.names == ["motion", "fvd"]
+    net, real = factory.fvd_network, heldout.frames
+    assert isinstance(net, I3DFeatures)
+    ref_feats = factory.fvd_reference.features
+    assert ref_feats.shape == (20, 64)
     fvd = FVD(factory.fvd_network, factory.fvd_reference)
     fvd.update(real)
     assert abs(fvd.compute()) < 1e-6
