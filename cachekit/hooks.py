@@ -50,6 +50,7 @@ __all__ = [
     "STEP_TRACKER_HOOK",
     "CACHE_HOOK",
     "PROBE_HOOK",
+    "FEEDER_HOOK",
     "FIRST_INPUT",
 ]
 
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 STEP_TRACKER_HOOK = "cachekit.step_tracker"
 CACHE_HOOK = "cachekit.cache"
 PROBE_HOOK = "cachekit.probe"  # the read-only observer of the first block's input, for runtime policies
+FEEDER_HOOK = "cachekit.feeder"  # skips a norm whose output only a reused component would have read
 FIRST_INPUT = "cachekit.first_input"
 """Key in a forward's `StepRows.scratch`: `{cache key: the first block's first component input for that row}`."""
 _STATES_BEFORE = "cachekit.request_states_before"  # scratch: policy states as a declared forward began
@@ -335,6 +337,18 @@ class CacheSession:
             if part is not True:
                 decision[group.index] = part
         return decision
+
+    def reuses_all(self, rows: StepRows, block: int, component: int, cache: RowCache) -> bool:
+        """Whether every row will be served `component` of `block` from cache, known from a static table alone.
+
+        Runtime policies are never asked here: their decisions may read what the block has not computed yet.
+        """
+        groups = rows.groups or self.groups_of(rows)
+        if len(groups) != 1 or rows.uniform_step is None:
+            return False
+        compiled = groups[0].compiled
+        return (compiled.mode == "component" and compiled.table is not None
+                and not compiled.table[rows.uniform_step][block][component] and cache.has(rows.keys))
 
     def keeps(self, rows: StepRows, block: int, component: int, mode: str) -> bool:
         """Whether the value `rows` compute at this component is read at a later step (else it is not stored)."""
@@ -705,6 +719,24 @@ class BlockResidualHook(_RowCachingHook):
         return served if len(served) > 1 else served[0]
 
 
+class FeederSkipHook(ModelHook):
+    """On a module whose output only one component reads (the registry's `feeders`): when every row reuses that
+    component, return the input unchanged instead of computing. The value is never read, and the shape it keeps
+    lets the block's live modulation around it run as before."""
+
+    def __init__(self, session: CacheSession, component_hook: ComponentCacheHook) -> None:
+        super().__init__()
+        self.session = session
+        self.component_hook = component_hook
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        rows = self.session._rows.get()
+        hook = self.component_hook
+        if rows is not None and args and self.session.reuses_all(rows, hook.block, hook.component, hook.cache):
+            return args[0]
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
 class _FirstInputProbe(ModelHook):
     """Read-only: records the first block's first component input per row (TeaCache's modulated input)."""
 
@@ -746,6 +778,10 @@ def attach_hooks(transformer: nn.Module, session: CacheSession) -> None:
                 if bool(layout.present[ref.index, c]):
                     hook = ComponentCacheHook(session, ref.index, c, f"{ref.path}.{name}", unbatched)
                     hook_registry(getattr(ref.module, name)).register_hook(hook, CACHE_HOOK)
+                    for feeder_name in ref.group.feeders_of(name):
+                        feeder = getattr(ref.module, feeder_name, None)
+                        if isinstance(feeder, nn.Module) and not isinstance(feeder, nn.Identity):
+                            hook_registry(feeder).register_hook(FeederSkipHook(session, hook), FEEDER_HOOK)
     if getattr(session.plan, "needs_input_probe", False):
         attach_input_probe(transformer, session)
         session._probe_attached = True
@@ -760,6 +796,7 @@ def detach_hooks(transformer: nn.Module) -> None:
         if child is not None:
             child.remove_hook(CACHE_HOOK, recurse=False)
             child.remove_hook(PROBE_HOOK, recurse=False)
+            child.remove_hook(FEEDER_HOOK, recurse=False)
     registry.invalidate_child_registries_cache()
 
 

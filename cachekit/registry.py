@@ -46,12 +46,19 @@ class BlockGroupSpec:
         residual_outputs: for whole-block residual mode, the name of the block's forward argument that each element
             of the block's output updates (e.g. FLUX blocks return `(encoder_hidden_states, hidden_states)`).
         cross_attention: the components that attend to the text only (TGATE caches these after its gate step).
+        feeders: per component, the block's sub-modules whose output only that component reads (the norm in front
+            of an attention or feed-forward). When every row of a forward reuses the component, they are skipped
+            too: on small token counts they are a large share of what a reused component still costs.
     """
 
     attr: str
     components: tuple[str, ...]
     residual_outputs: tuple[str, ...] = ("hidden_states",)
     cross_attention: tuple[str, ...] = ()
+    feeders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def feeders_of(self, component: str) -> tuple[str, ...]:
+        return next((modules for name, modules in self.feeders if name == component), ())
 
 
 @dataclass(frozen=True)
@@ -171,7 +178,9 @@ _JOINT_STREAM = ("encoder_hidden_states", "hidden_states")
 for _spec in (
     ModelSpec(
         "PixArtTransformer2DModel",
-        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",)),),
+        # ada_norm_single blocks: norm1 -> modulation -> attn1; attn2 reads the residual stream; norm2 -> ff
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",),
+                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",)))),),
     ),
     ModelSpec(
         "DiTTransformer2DModel",
@@ -179,7 +188,8 @@ for _spec in (
     ),
     ModelSpec(
         "SanaTransformer2DModel",
-        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",)),),
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",),
+                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",)))),),
     ),
     ModelSpec(
         "FluxTransformer2DModel",
@@ -194,7 +204,9 @@ for _spec in (
         (BlockGroupSpec("transformer_blocks", ("attn", "attn2", "ff", "ff_context"), _JOINT_STREAM),),
     ),
     ModelSpec(
-        "WanTransformer3DModel", (BlockGroupSpec("blocks", ("attn1", "attn2", "ffn"), cross_attention=("attn2",)),)
+        "WanTransformer3DModel",
+        (BlockGroupSpec("blocks", ("attn1", "attn2", "ffn"), cross_attention=("attn2",),
+                        feeders=(("attn1", ("norm1",)), ("attn2", ("norm2",)), ("ffn", ("norm3",)))),),
     ),
     ModelSpec(
         "CogVideoXTransformer3DModel",

@@ -264,3 +264,51 @@ def test_static_plans_store_only_values_that_a_later_step_reads(mode):
     # the same reuse served from a forecast-free runtime copy that keeps every value gives the same output
     keep_all = reuse.with_forecast(1, where=torch.zeros_like(full.recompute))
     assert torch.equal(_run(model, tiny, reuse), _run(model, tiny, keep_all))
+
+
+@pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "SanaTransformer2DModel", "WanTransformer3DModel"])
+def test_feeders_of_a_reused_component_are_skipped_and_change_nothing(name):
+    """The registry's feeders (the norm in front of an attention or feed-forward) are skipped when every row
+    reuses their component, and the output is exactly what computing them gives."""
+    from dataclasses import replace
+
+    from cachekit.registry import register_model, spec_for
+
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    spec = spec_for(model)
+    assert any(group.feeders for group in spec.groups)
+    without = type(f"NoFeeders{name}", (type(model),), {})  # the same model, registered without feeders
+    register_model(replace(spec, class_name=without.__name__,
+                           groups=tuple(replace(g, feeders=()) for g in spec.groups)), overwrite=True)
+    plain = without.from_config(model.config).eval()
+    plain.load_state_dict(model.state_dict())
+
+    full = cachekit.Schedule.full(model, NUM_STEPS, mode="component")
+    mask = torch.zeros_like(full.recompute)
+    mask[::2] = True  # every other step reuses every component
+    skipped, skipped_norms = _count_layer_norms(lambda: _run(model, tiny, cachekit.Schedule.from_mask(model, mask)))
+    computed, computed_norms = _count_layer_norms(lambda: _run(plain, tiny, cachekit.Schedule.from_mask(plain, mask)))
+    assert torch.equal(skipped, computed)
+    feeders = sum(1 for group in spec.groups for block in getattr(model, group.attr) for _, names in group.feeders
+                  for n in names if not isinstance(getattr(block, n, None), (type(None), torch.nn.Identity)))
+    reuse_steps = int((~mask[:, 0, 0]).sum())  # one transformer call per step
+    assert feeders > 0 and computed_norms - skipped_norms == reuse_steps * feeders
+    assert torch.equal(_run(model, tiny), _run(build(name), tiny))
+
+
+def _count_layer_norms(fn):
+    """`fn()` and how many layer norms it ran (counted at the torch function level, where a skipped module is not)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.layer_norm:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.calls
