@@ -9,7 +9,9 @@ at the stream's step count and one at the zoo's 20 steps. Reported:
 - time to first frame (stream opened -> first frame out; the prompt's text already in the runner's prompt cache)
   and frames per second after the first frame, per mode; the cached/uncached ratios are the median of the
   per-prompt ratios (each pair measured back to back);
-- the reuse share the cached streams measured in the hooks (row-level computed vs reused units);
+- the share of transformer work the plan skips (`reused_share_planned`: MACs, from the plan) and the hooks'
+  row-level counts of computed vs reused units (`reused_share_hook_counts`; under a block-mode plan such as FORA
+  the component hooks also count their computes inside computed blocks, so this reads lower than the skipped work);
 - the digit check of `cachekit.zoo.digits_video_check` (digit of every frame from a box-centred crop, motion
   direction of the ink centre) on the first 9 streamed frames of every stream, as on the whole clips, with the
   check's ceiling on real clips; later 9-frame windows of the streams are printed too, but read them with care: a
@@ -61,7 +63,7 @@ def stream_once(runner: Runner, prompt: str, seed: int, args, schedule) -> dict:
     first, last = frames[0].time_s, frames[-1].time_s
     units = stats.computed - computed + stats.reused - reused
     return {"video": as_video([f.image for f in frames]), "ttff": stream.time_to_first_frame_s,
-            "fps": (len(frames) - 1) / (last - first), "seconds": seconds,
+            "fps": (len(frames) - 1) / (last - first), "seconds": seconds, "planned": stream.reused_share,
             "reused": (stats.reused - reused) / units if units else 0.0}
 
 
@@ -108,7 +110,8 @@ def main() -> None:
         "speed": {
             mode: {"time_to_first_frame_s_p50": med([r["ttff"] for r in rs]),
                    "frames_per_s_p50": med([r["fps"] for r in rs]),
-                   "reused_share_measured": med([r["reused"] for r in rs])} for mode, rs in rows.items()},
+                   "reused_share_planned": med([r["planned"] for r in rs]),
+                   "reused_share_hook_counts": med([r["reused"] for r in rs])} for mode, rs in rows.items()},
         "cached_over_uncached": {
             "frames_per_s_ratio_p50": med([c["fps"] / u["fps"] for c, u in zip(rows["cached"], rows["uncached"])]),
             "time_to_first_frame_ratio_p50": med([c["ttff"] / u["ttff"]
