@@ -212,24 +212,12 @@ class Runner:
         if it raises, this request fails alone. Raises `UsageError` on a bad argument, `QueueFull` when the queue is
         full, with nothing queued.
         """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UsageError("prompt must be a non-empty string")
-        if not isinstance(negative_prompt, str):
-            raise UsageError("negative_prompt must be a string")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        _check_prompt_and_seed(prompt, negative_prompt, seed)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
                 or not 2 <= num_inference_steps <= 1000:
             raise UsageError(f"num_inference_steps must be an integer from 2 to 1000, got {num_inference_steps!r}")
         defaults = self.family.settings(self.pipe, {})
-        from .call import model_call_defaults
-
-        if guidance_scale is None:
-            guidance_scale = float(model_call_defaults(self.pipe).get(
-                "guidance_scale", stock_default(self.pipe, "guidance_scale", 4.5)))
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not 0.0 <= float(guidance_scale) <= 100.0:
-            raise UsageError(f"guidance_scale must be a number from 0 to 100, got {guidance_scale!r}")
+        guidance_scale = self._guidance(guidance_scale)
         if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
                                        or deadline_s <= 0):
             raise UsageError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
@@ -352,6 +340,18 @@ class Runner:
             return float(self._profile.predict(schedule))
         except UsageError:
             return 1.0
+
+    def _guidance(self, guidance_scale: float | None) -> float:
+        """The guidance scale asked for, or the model's call default (else the stock call's); checked."""
+        from .call import model_call_defaults
+
+        if guidance_scale is None:
+            guidance_scale = float(model_call_defaults(self.pipe).get(
+                "guidance_scale", stock_default(self.pipe, "guidance_scale", 4.5)))
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not 0.0 <= float(guidance_scale) <= 100.0:
+            raise UsageError(f"guidance_scale must be a number from 0 to 100, got {guidance_scale!r}")
+        return guidance_scale
 
     def _rows(self, guidance_scale: float) -> int:
         """Transformer rows of a request: two with CFG (unless the family embeds guidance in one row), else one."""
@@ -657,8 +657,8 @@ class Runner:
         """A video stream (`pipelines.video_streams.VideoStream`): frames, in order, until closed.
 
         A rolling `window` of latent frames, an anchor and frames `steps // (window - 1)` denoising steps apart, one
-        forward per tick (see `video_streams`). `num_frames` makes it a finite clip of that many pixel frames (None: until `close()`);
-        `schedule` is any plan a request takes (a policy spec, a Schedule of `steps // (window - 1)` steps), applied
+        forward per tick (see `video_streams`). `num_frames` makes it a finite clip of that many pixel frames
+        (None: until `close()`); `schedule` is any plan a request takes (a policy spec, a Schedule of `steps // (window - 1)` steps), applied
         within each position of the window. Raises `UsageError` on a bad argument or a family without video streams.
         """
         from .video_streams import MAX_UNREAD, VideoStream, check_video_stream_args
@@ -666,21 +666,9 @@ class Runner:
         if not getattr(self.family, "supports_video_streams", False):
             raise UsageError(f"video streams need a video pipeline with per-frame noise levels (WanPipeline), not "
                              f"{type(self.pipe).__name__}")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UsageError("prompt must be a non-empty string")
-        if not isinstance(negative_prompt, str):
-            raise UsageError("negative_prompt must be a string")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        _check_prompt_and_seed(prompt, negative_prompt, seed)
         check_video_stream_args(steps, window, num_frames, self.pipe.vae_scale_factor_temporal)
-        from .call import model_call_defaults
-
-        if guidance_scale is None:
-            guidance_scale = float(model_call_defaults(self.pipe).get(
-                "guidance_scale", stock_default(self.pipe, "guidance_scale", 5.0)))
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not 0.0 <= float(guidance_scale) <= 100.0:
-            raise UsageError(f"guidance_scale must be a number from 0 to 100, got {guidance_scale!r}")
+        guidance_scale = self._guidance(guidance_scale)
         if max_unread is not None and (isinstance(max_unread, bool) or not isinstance(max_unread, int)
                                        or max_unread < 1):
             raise UsageError(f"max_unread must be a positive integer, got {max_unread!r}")
@@ -870,6 +858,15 @@ class Runner:
                 self.metrics.served(info)
                 request.handle._finish(image, info)
             self._report_held()
+
+
+def _check_prompt_and_seed(prompt: Any, negative_prompt: Any, seed: Any) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("prompt must be a non-empty string")
+    if not isinstance(negative_prompt, str):
+        raise UsageError("negative_prompt must be a string")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 def _is_static(plan: Any) -> bool:

@@ -176,12 +176,6 @@ class VideoStream:
         """The plan's predicted share of the transformer's work served from cache (0 without a plan)."""
         return round(1.0 - self.runner._plan_cost(self.plan, self.lag), 6) if self.lag > 1 else 0.0
 
-    def info(self) -> dict[str, Any]:
-        return {"stream_id": self.id, "steps": self.steps, "window": self.window, "lag": self.lag,
-                "plan": self.plan_label, "frames_sent": self.frames_sent, "ticks": self.tick,
-                "time_to_first_frame_s": self.time_to_first_frame_s, "num_frames": self.num_frames,
-                "reused_share": self.reused_share, "finished": self.finished, "closed": self.closed}
-
     # ------------------------------------------------------------------ runner side (loop thread)
     def has_work(self) -> bool:
         return not self.closed and self._outbox.qsize() < self.max_unread

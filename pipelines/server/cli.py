@@ -43,7 +43,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve = subparsers.add_parser(
         "serve", help="serve a model over HTTP and WebSocket (OpenAI images API, streams, web page, metrics)",
         description="Serve a pipeline (the bundled digits model by default) through the streaming batch runner: "
-                    "POST /v1/images/generations, WS /v1/stream, GET /metrics, and a web page at /. Binds to "
+                    "POST /v1/images/generations, WS /v1/stream, GET /metrics, and a web page at /; for a video "
+                    "model (--model digits-video) POST /v1/videos jobs and WS /v1/video-stream. Binds to "
                     "127.0.0.1 unless --host says otherwise; reports ready on /healthz once the model is warm.")
     serve.add_argument("--model", default="digits",
                        help="a bundled model name or a local diffusers pipeline folder (default digits)")

@@ -27,7 +27,7 @@ from cachekit.errors import UsageError
 
 from .limits import ServerLimits
 
-__all__ = ["add_stream_route"]
+__all__ = ["add_stream_route", "next_output", "png_bytes"]
 
 _OPTIONS = {"prompt", "guidance", "stages", "seed", "similarity_filter", "negative_prompt", "guidance_scale"}
 
@@ -155,18 +155,27 @@ def add_stream_route(app: FastAPI, served: Any, limits: ServerLimits, metrics: A
             metrics.ws_open.dec()
 
 
-async def _send_frames(socket: WebSocket, stream: Any, metrics: Any) -> None:
-    """Each finished frame as PNG bytes, in order, until the stream closes."""
+async def next_output(stream: Any) -> Any:
+    """A stream's next output (image or video), waited for off the event loop; None once the stream is closed."""
     from cachekit.pipelines.streams import StreamClosed
 
     while True:
         try:
-            image = await asyncio.to_thread(stream.get, 0.25)
+            return await asyncio.to_thread(stream.get, 0.25)
         except TimeoutError:
             continue
         except StreamClosed:
-            return
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        await socket.send_bytes(buffer.getvalue())
+            return None
+
+
+def png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _send_frames(socket: WebSocket, stream: Any, metrics: Any) -> None:
+    """Each finished frame as PNG bytes, in order, until the stream closes."""
+    while (image := await next_output(stream)) is not None:
+        await socket.send_bytes(png_bytes(image))
         metrics.ws_frames.labels("out").inc()

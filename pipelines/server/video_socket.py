@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from cachekit.errors import UsageError
 from .errors import ApiError, validation_message
 from .limits import ServerLimits
 from .schemas import video_request_model
+from .stream_socket import next_output, png_bytes
 from .videos import refuse_unless_video, video_stream_kwargs
 
 __all__ = ["add_video_stream_route"]
@@ -127,26 +127,12 @@ async def _until_closed(socket: WebSocket) -> None:
                     return
 
 
-def _png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 async def _send_frames(socket: WebSocket, stream: Any, metrics: Any) -> None:
     """Every frame, in order, as a JSON header and PNG bytes, until the stream ends or closes."""
-    from cachekit.pipelines.video_streams import StreamClosed
-
-    while True:
-        try:
-            frame = await asyncio.to_thread(stream.get, 0.25)
-        except TimeoutError:
-            continue
-        except StreamClosed:
-            if stream.finished:
-                await socket.send_json({"type": "done", "frames": stream.frames_sent})
-            return
-        data = await asyncio.to_thread(_png, frame.image)
+    while (frame := await next_output(stream)) is not None:
+        data = await asyncio.to_thread(png_bytes, frame.image)
         await socket.send_json({"type": "frame", "index": frame.index, "time_s": round(frame.time_s, 4)})
         await socket.send_bytes(data)
         metrics.ws_frames.labels("video_out").inc()
+    if stream.finished:
+        await socket.send_json({"type": "done", "frames": stream.frames_sent})

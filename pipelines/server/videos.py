@@ -81,16 +81,10 @@ class VideoJob:
 
     async def collect(self) -> None:
         """Take the stream's frames as they come, until the clip is over or the job is cancelled."""
-        from cachekit.pipelines.video_streams import StreamClosed
+        from .stream_socket import next_output
 
         try:
-            while not self.done:
-                try:
-                    frame = await asyncio.to_thread(self.stream.get, 0.25)
-                except TimeoutError:
-                    continue
-                except StreamClosed:
-                    break
+            while not self.done and (frame := await next_output(self.stream)) is not None:
                 self.frames.append(frame.image)
                 now = time.monotonic() - self.started
                 self.first_frame_s = now if self.first_frame_s is None else self.first_frame_s
