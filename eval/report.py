@@ -220,7 +220,7 @@ def render_video_markdown(report: dict[str, Any]) -> str:
         "",
         "Speedup and MACs ratio are against the uncached model measured in the same run. PSNR / SSIM compare each "
         "frame with the uncached clip's. The real-clips row is the floor (FID, KID, FVD) or ceiling (the rest) of "
-        "the same metrics on real clips, as many as generated ones: " + str(real.get("why", "")),
+        "the same metrics: " + str(real.get("why", "")) + ".",
         "",
     ]
     if report.get("reference"):
