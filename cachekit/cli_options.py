@@ -435,7 +435,7 @@ def add_model_options(parser: Any, *, cpu_alias: bool = False, pipe_arg_alias: b
         deprecated_alias(parser, "--pipe-arg", "pipeline_arg", "--pipeline-arg", append=True, metavar="KEY=VALUE")
 
 
-_PROMPT_SETS = ("digits, coco[:captions_val2014.json], mjhq[:meta_data.json], parti[:PartiPrompts.tsv], "
+_PROMPT_SETS = ("digits, digits-video, coco[:captions_val2014.json], mjhq[:meta_data.json], parti[:PartiPrompts.tsv], "
                 "drawbench[:FILE], or a .txt/.jsonl/.tsv/.csv/.json file")
 
 
@@ -445,7 +445,7 @@ def add_prompts(parser: Any, *, num: int, prompt_seed: int, count_alias: bool = 
     count) and `--prompt-set` (calibrate and search used to spell them so)."""
     parser.add_argument("--prompts", default="digits", metavar="SET_OR_FILE",
                         action=_PromptsOrCount if count_alias else "store",
-                        help=f"prompt set: {_PROMPT_SETS} (default digits)")
+                        help=f"prompt set: {_PROMPT_SETS} (default digits; digits-video for --model digits-video)")
     parser.add_argument("--num", type=NUM_PROMPTS, default=num,
                         help=f"number of prompts taken from the set (seeded sample for files; default {num})")
     parser.add_argument("--prompt-seed", type=SEED, default=prompt_seed, help=f"{seed_help} (default {prompt_seed})")

@@ -349,6 +349,7 @@ def run_bench(
         row["family"] = peer_row.family
         row["work"] = None if peer_row.work is None else peer_row.work.as_dict()
         row["config"] = peer_row.config
+        row["caveat"] = peer_row.caveat
         rows.append(row)
     for row in rows:
         entry = evaluation["schedules"].get(row["name"])
@@ -485,7 +486,8 @@ def render_bench_markdown(report: dict[str, Any]) -> str:
         setting = "-" if row["value"] is None else f"{row['knob']}={_fmt(row['value'])}"
         cells = [row["method"], setting, row["status"], _fmt(row["speedup"], 3), _fmt(row["macs_ratio"], 3)]
         cells += [_fmt(row["metrics"].get(m)) for m in metric_names]
-        note = "" if row["counts"] else row["reason"]  # what a counted peer skipped is in the work column
+        # what a counted peer skipped is in the work column; what a reader must know about it, in the note
+        note = row.get("caveat") or "" if row["counts"] else row["reason"]
         cells += [_work_text(row.get("work")), note.replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [

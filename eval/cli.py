@@ -246,7 +246,8 @@ def _load_prompts(args: argparse.Namespace, dist: Any = None) -> Any:
         prompt_set = P.load_parti_prompts(path or None, num=args.num, categories=args.category,
                                           challenges=args.challenge, seed=args.prompt_seed)
     else:
-        prompt_set = P.load_prompts(args.prompts, num=args.num, seed=args.prompt_seed)
+        spec = P.prompts_for_model(args.prompts, getattr(args, "model", None))  # digits-video: its own prompts
+        prompt_set = P.load_prompts(spec, num=args.num, seed=args.prompt_seed)
     if len(prompt_set) == 0:
         raise UsageError(f"prompt set {args.prompts!r} has no prompts")
     if dist is not None:
@@ -276,7 +277,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]
     prompt_set = _load_prompts(args, dist)
     call = PipelineCall(tuple(prompt_set.prompts[:1]), args.steps, settings)
     digits_prompts = prompt_set.name == "digits"
-    metric_names = parse_metric_names(args.metrics or (_DIGITS_METRICS if digits_prompts else "clip,psnr,ssim"))
+    default_metrics = {"digits": _DIGITS_METRICS, "digits-video": "psnr,ssim"}.get(prompt_set.name, "clip,psnr,ssim")
+    metric_names = parse_metric_names(args.metrics or default_metrics)
     config = MetricConfig(
         names=metric_names,
         fid_reference=args.fid_ref,

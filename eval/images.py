@@ -20,7 +20,16 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def to_uint8(images: Any) -> torch.Tensor:
-    """Pipeline output (float tensor in [0,1] NCHW, numpy NHWC in [0,1], PIL list, uint8) -> uint8 [N,3,H,W] CPU."""
+    """Pipeline output (float tensor in [0,1] NCHW, numpy NHWC in [0,1], PIL list, uint8) -> uint8 [N,3,H,W] CPU.
+
+    A batch of clips (a video pipeline's ``frames``: ``[N, F, C, H, W]`` tensor or ``[N, F, H, W, C]`` numpy) comes
+    out as its frames, clip after clip (``[N*F, 3, H, W]``): every image metric then judges each frame as an image
+    (PSNR per frame against the uncached clip's frame), with one code path for images and videos.
+    """
+    if torch.is_tensor(images) and images.ndim == 5:
+        images = images.flatten(0, 1)
+    elif isinstance(images, np.ndarray) and images.ndim == 5:
+        images = images.reshape(-1, *images.shape[2:])
     if isinstance(images, (list, tuple)) and images and not torch.is_tensor(images[0]):
         if hasattr(images[0], "convert"):  # PIL
             images = np.stack([np.asarray(im.convert("RGB")) for im in images])

@@ -23,6 +23,8 @@ __all__ = [
     "data_dir",
     "SOURCES",
     "digits_prompts",
+    "digits_video_prompts",
+    "prompts_for_model",
     "load_coco_captions",
     "load_mjhq",
     "load_parti_prompts",
@@ -119,6 +121,28 @@ def digits_prompts(num: int = 40, seed: int = 0) -> PromptSet:
         "digits", [p for p, _ in pairs], f"cachekit.zoo.digits_data.digit_prompts(num={num}, seed={seed})",
         [{"label": int(label)} for _, label in pairs],
     )
+
+
+def digits_video_prompts(num: int = 40, seed: int = 0) -> PromptSet:
+    """The built-in prompt set of the bundled digits-video model ("a handwritten 3 moving left", ...): digits and
+    directions cycled, seeded phrasings; each prompt's digit and direction in meta (what the motion check scores)."""
+    from cachekit.zoo.digits_video_data import video_prompts
+
+    rows = video_prompts(num, seed)
+    return PromptSet(
+        "digits-video", [p for p, _, _ in rows],
+        f"cachekit.zoo.digits_video_data.video_prompts(num={num}, seed={seed})",
+        [{"label": int(label), "direction": direction} for _, label, direction in rows],
+    )
+
+
+_MODEL_PROMPTS = {"digits-video": "digits-video"}
+
+
+def prompts_for_model(spec: str, model: str | None) -> str:
+    """The prompt spec a command runs: the default `digits` becomes a bundled model's own set (`digits-video` for
+    the video model, whose prompts ask for a motion too); anything else is kept as given."""
+    return _MODEL_PROMPTS.get(model or "", spec) if spec == "digits" else spec
 
 
 def load_coco_captions(path: str | os.PathLike | None = None, num: int | None = 1000, seed: int = 0) -> PromptSet:
@@ -257,12 +281,14 @@ def load_jsonl_prompts(path: str | os.PathLike, num: int | None = None, seed: in
 
 
 def load_prompts(spec: str, num: int | None = None, seed: int = 0) -> PromptSet:
-    """Resolve a CLI prompt spec: `digits`, `coco[:PATH]`, `mjhq[:PATH]`, `parti[:PATH]`, `drawbench[:PATH]`, or a
-    `.txt` / `.jsonl` / `.tsv` / `.json` file (format detected from the name and content).
+    """Resolve a CLI prompt spec: `digits`, `digits-video`, `coco[:PATH]`, `mjhq[:PATH]`, `parti[:PATH]`,
+    `drawbench[:PATH]`, or a `.txt` / `.jsonl` / `.tsv` / `.json` file (format detected from the name and content).
     """
     name, _, path = spec.partition(":")
     if name == "digits":
         return digits_prompts(num if num is not None else 40, seed)
+    if name == "digits-video":
+        return digits_video_prompts(num if num is not None else 40, seed)
     loaders = {"coco": load_coco_captions, "mjhq": load_mjhq, "parti": load_parti_prompts,
                "drawbench": load_drawbench}
     if name in loaders and (path or not Path(spec).exists()):
@@ -270,7 +296,8 @@ def load_prompts(spec: str, num: int | None = None, seed: int = 0) -> PromptSet:
     p = Path(spec).expanduser()
     if not p.is_file():
         raise PromptFileNotFoundError(
-            f"prompt set {spec!r} is neither a built-in name (digits, coco, mjhq, parti, drawbench) nor a file"
+            f"prompt set {spec!r} is neither a built-in name (digits, digits-video, coco, mjhq, parti, drawbench) "
+            "nor a file"
         )
     suffix = p.suffix.lower()
     if suffix == ".jsonl":

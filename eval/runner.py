@@ -64,7 +64,8 @@ def generate(
     num_steps: int,
     pipe_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Images (uint8 [N,3,H,W], CPU) for `prompts` seeded `seeds`, with `plan` applied if not None.
+    """Images (uint8 [N,3,H,W], CPU) for `prompts` seeded `seeds`, with `plan` applied if not None (a video
+    pipeline's N clips of F frames come as their N*F frames, clip after clip).
 
     The call is `cachekit.pipelines.PipelineCall`'s: one CPU generator per prompt, the model's call defaults under
     `pipe_kwargs`, so search, calibration and `cachekit generate` see the same images for the same prompt and seed.
@@ -197,15 +198,19 @@ def evaluate(
                 images = generate(target_pipe, plan, batch_prompts, seeds, steps, pipe_kwargs)
             if baseline is None:
                 baseline = images
-            suites[name].update(images, batch_prompts, None if name == UNCACHED else baseline)
-            keep = [j for j, i in enumerate(idx) if i < grid_samples]
+            frames = _frames_per_prompt(images, batch_prompts)  # a video pipeline's clips come as their frames
+            suites[name].update(images, [p for p in batch_prompts for _ in range(frames)],
+                                None if name == UNCACHED else baseline)
+            keep = [j * frames for j, i in enumerate(idx) if i < grid_samples]  # a clip shows its first frame
             if keep:
                 samples[name].append(images[keep])
             if save_images and out is not None:
                 folder = out / "images" / name
                 folder.mkdir(parents=True, exist_ok=True)
                 for j, i in enumerate(idx):
-                    save_png(images[j], folder / f"{i:05d}.png")
+                    for f in range(frames):
+                        save_png(images[j * frames + f], folder / (f"{i:05d}.png" if frames == 1
+                                                                   else f"{i:05d}_{f:03d}.png"))
             bar.update()
     bar.close()
 
@@ -258,6 +263,15 @@ def evaluate(
         write_report(report, out, grid_columns, prompt_set.prompts[:grid_samples])
     dist.barrier()
     return report
+
+
+def _frames_per_prompt(images: torch.Tensor, prompts: Sequence[str]) -> int:
+    """How many images each prompt gave: 1 for an image pipeline, the clip length for a video pipeline, whose clips
+    `to_uint8` turns into their frames (clip after clip)."""
+    frames, left = divmod(images.shape[0], len(prompts))
+    if left or frames < 1:
+        raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts")
+    return frames
 
 
 def _setup(plan: Any) -> Callable[[], ContextManager[Any]] | None:

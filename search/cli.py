@@ -48,9 +48,9 @@ def _call(args: argparse.Namespace, prompts: list[str]) -> Any:
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     """The calibration prompts: a bad prompt set fails before a large model is loaded."""
-    from cachekit.eval.prompts import load_prompts
+    from cachekit.eval.prompts import load_prompts, prompts_for_model
 
-    prompts = list(load_prompts(args.prompts, args.num, args.prompt_seed).prompts)
+    prompts = list(load_prompts(prompts_for_model(args.prompts, args.model), args.num, args.prompt_seed).prompts)
     if not prompts:
         raise UsageError(f"prompt set {args.prompts!r} has no prompts")
     return prompts

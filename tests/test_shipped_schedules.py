@@ -45,3 +45,26 @@ def test_a_shipped_name_is_a_plan(pipe, capsys):
                       **DIGITS_DEFAULTS).images
         stats = cachekit.sessions(pipe)[0].stats
     assert images.shape == (2, 3, 16, 16) and stats.reuse_fraction > 0.3
+
+
+def test_the_video_model_ships_a_searched_schedule_usable_by_name():
+    """`digits-video-fast`: searched on the digits-video model (a stock WanPipeline), labelled with the held-out
+    figures and the weights it was searched on, and enabled by name like any schedule file."""
+    from cachekit.zoo import DIGITS_VIDEO_DEFAULTS
+
+    video = load_pipeline("digits-video")
+    video.set_progress_bar_config(disable=True)
+    steps = DIGITS_VIDEO_DEFAULTS["num_inference_steps"]
+    schedule = Schedule.load(schedule_path("digits-video-fast"))
+    schedule.validate_for(video.transformer, steps)
+    assert schedule.model_class == "WanTransformer3DModel" and schedule.provenance["method"] == "search"
+    heldout = schedule.measured["heldout"]
+    assert {"speedup", "macs_ratio", "psnr", "ssim", "prompts", "seeds"} <= set(heldout)
+    assert heldout["prompts"]["name"] == "digits-video" and heldout["macs_ratio"] < 1
+    assert len(schedule.provenance["searched_on"]["transformer_sha256"]) == 64
+    assert resolve_plan("digits-video-fast", video.transformer, steps) == schedule
+    with cachekit.cached(video, "digits-video-fast"):
+        clips = video("a handwritten 3 moving left", generator=torch.Generator().manual_seed(0), output_type="pt",
+                      **DIGITS_VIDEO_DEFAULTS).frames
+        stats = cachekit.sessions(video)[0].stats
+    assert clips.shape == (1, 9, 3, 32, 32) and stats.reuse_fraction > 0.3

@@ -46,6 +46,7 @@ __all__ = [
     "apply_pab",
     "prepare_magcache",
     "prepare_fastercache",
+    "prepare_pab",
     "check_block_registry",
     "check_attention",
 ]
@@ -74,15 +75,18 @@ def _attach(handle: PeerHandle, config: Any, apply_fn: Callable[[nn.Module, Any]
     if isinstance(transformer, CacheMixin):
         transformer.enable_cache(config)
         handle.on_remove(transformer.disable_cache)
+        through = f"{type(transformer).__name__}.enable_cache"
     else:
         apply_fn(transformer, config)
         handle.on_remove(lambda: _remove_hooks(transformer, hook_names))
+        through = f"diffusers.hooks.{apply_fn.__name__}"
     if _count_hooks(transformer, hook_names) == 0:
         handle.remove()
         raise PeerCannotAct(f"no module of {type(transformer).__name__} matched {handle.peer.name}'s patterns")
     handle.on_remove(attach_step_hook(transformer, step_hook))
     handle.step_hook = step_hook
-    handle.config = {"class": type(config).__name__, **describe_config(config), **handle.config}
+    handle.config = {"class": type(config).__name__, "applied_through": through, **describe_config(config),
+                     **handle.config}
     return handle
 
 
@@ -305,10 +309,21 @@ def apply_fastercache(peer: "Peer", pipe: Any, knob: int, call: PipelineCall,
         return _attach(handle, config, apply_faster_cache, "fastercache", step_hook)
 
 
+def prepare_pab(pipe: Any, call: PipelineCall) -> dict[str, Any]:
+    """How many times per step the pipeline calls the transformer (measured on a two-step run of the call): PAB
+    counts calls, so its rows must say what its knob means where a pipeline calls once per CFG branch."""
+    calls_per_step, _, _ = _probe_transformer(pipe, call)
+    return {"calls_per_step": calls_per_step}
+
+
 def apply_pab(peer: "Peer", pipe: Any, knob: int, call: PipelineCall,
               prepared: Mapping[str, Any]) -> PeerHandle:
     """PAB with the paper's middle-steps window (100 < t < 800, in this scheduler's units), self-attention broadcast
-    every `knob` calls and cross-attention every `3 * knob`, following the live timestep from the step hook."""
+    every `knob` calls and cross-attention every `3 * knob`, following the live timestep from the step hook.
+
+    diffusers' PAB keeps one cache and one call counter per attention module, whatever `cache_context` the pipeline
+    opens. Where the pipeline calls the transformer once per CFG branch (Wan), its calls alternate between the
+    branches, so a branch may be served the other branch's attention: the row says so (`caveat`)."""
     from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
 
     step_hook = _step_hook(pipe, False)
@@ -319,4 +334,11 @@ def apply_pab(peer: "Peer", pipe: Any, knob: int, call: PipelineCall,
         cross_attention_timestep_skip_range=_scaled_range(pipe, 100, 800),
         current_timestep_callback=step_hook.current_timestep,
     )
-    return _attach(PeerHandle(peer, pipe, knob, {}), config, apply_pyramid_attention_broadcast, "pab", step_hook)
+    handle = PeerHandle(peer, pipe, knob, {})
+    calls = int(prepared.get("calls_per_step", 1))
+    if calls > 1:
+        handle.details["caveat"] = (
+            f"diffusers' PAB keeps one cache and call counter per attention module, not per cache_context: the "
+            f"pipeline calls the transformer {calls}x per step (once per CFG branch), so its knob counts branch "
+            "calls and a branch may be served the other branch's attention")
+    return _attach(handle, config, apply_pyramid_attention_broadcast, "pab", step_hook)

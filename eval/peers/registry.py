@@ -122,7 +122,7 @@ PEERS: tuple[Peer, ...] = (
     Peer("diffusers.pab", "diffusers", "spatial_attention_block_skip_range", (2, 3, 5),
          "Pyramid Attention Broadcast: broadcast self- (every N) and cross-attention (every 3N) in the middle steps",
          ("diffusers.hooks:apply_pyramid_attention_broadcast",), "pip install -U diffusers",
-         diffusers_caches.apply_pab, diffusers_caches.check_attention),
+         diffusers_caches.apply_pab, diffusers_caches.check_attention, diffusers_caches.prepare_pab),
     Peer("cache-dit.dbcache", "cache-dit", "residual_diff_threshold", (0.08, 0.12, 0.24),
          "cache-dit DBCache: compute the first Fn and last Bn blocks, reuse the middle while the Fn residual holds",
          ("cache_dit:enable_cache", "cache_dit:BlockAdapter", "cache_dit:DBCacheConfig"), "pip install cache-dit",
@@ -261,6 +261,11 @@ class PeerRow:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
+    def caveat(self) -> str:
+        """What a reader must know to read a row that acted (the peer's `details["caveat"]`; "" for none)."""
+        return str(self.details.get("caveat", ""))
+
+    @property
     def counts(self) -> bool:
         """Whether the row may enter a comparison: the peer really skipped work on this model."""
         return self.status == "acted"
@@ -272,7 +277,7 @@ class PeerRow:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready row (the images are left out)."""
         return {"peer": self.peer, "family": self.family, "knob": self.knob, "value": self.value,
-                "status": self.status, "counts": self.counts, "reason": self.reason,
+                "status": self.status, "counts": self.counts, "reason": self.reason, "caveat": self.caveat,
                 "work": None if self.work is None else self.work.as_dict(), "config": self.config,
                 "details": self.details}
 
