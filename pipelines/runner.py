@@ -658,8 +658,8 @@ class Runner:
 
         A rolling `window` of latent frames, an anchor and frames `steps // (window - 1)` denoising steps apart, one
         forward per tick (see `video_streams`). `num_frames` makes it a finite clip of that many pixel frames
-        (None: until `close()`); `schedule` is any plan a request takes (a policy spec, a Schedule of `steps // (window - 1)` steps), applied
-        within each position of the window. Raises `UsageError` on a bad argument or a family without video streams.
+        (None: until `close()`); `schedule` is any plan a request takes (a policy spec, a Schedule of
+        `steps // (window - 1)` steps), applied within each position of the window. Raises `UsageError` on a bad argument or a family without video streams.
         """
         from .video_streams import MAX_UNREAD, VideoStream, check_video_stream_args
 
@@ -672,10 +672,10 @@ class Runner:
         if max_unread is not None and (isinstance(max_unread, bool) or not isinstance(max_unread, int)
                                        or max_unread < 1):
             raise UsageError(f"max_unread must be a positive integer, got {max_unread!r}")
-        lag = steps // window
+        lag = steps // (window - 1)  # ticks between two shifts of the window: what a plan reuses within
         plan = self._resolve(schedule, lag)
         if plan is not None and lag == 1:
-            logger.warning("a video stream with window == steps shifts every tick: its plan has nothing to reuse")
+            logger.warning("a video stream with window == steps + 1 shifts every tick: its plan has nothing to reuse")
             plan = None
         stream = VideoStream(self, f"v{next(self._seq)}", prompt, steps=steps, window=window,
                              guidance_scale=float(guidance_scale), negative_prompt=negative_prompt, seed=seed,

@@ -105,6 +105,18 @@ def test_caching_applies_inside_the_stream(runner):
     assert int(frame_digits(as_tensor(cached[:1]))[0]) == 3
 
 
+def test_a_schedule_is_for_the_ticks_between_two_shifts_of_the_window(runner):
+    from cachekit.plans import resolve_plan
+
+    fora = resolve_plan("fora:interval=2")
+    segment = fora.schedule_for(4, runner.pipe.transformer)  # steps 8, window 3: the window shifts every 4 ticks
+    with runner.open_video_stream(PROMPT, seed=0, steps=8, window=3, num_frames=5, schedule=segment) as stream:
+        assert [f.index for f in stream] == list(range(5))
+    assert stream.reused_share > 0
+    with pytest.raises(UsageError, match="runs 4"):
+        runner.open_video_stream(PROMPT, steps=8, window=3, schedule=fora.schedule_for(8, runner.pipe.transformer))
+
+
 def test_a_cancelled_stream_frees_its_rows_and_caches(runner):
     stream = runner.open_video_stream(PROMPT, seed=4, steps=8, window=3, schedule="fora:interval=2")
     frames = [stream.get(timeout=120) for _ in range(3)]
