@@ -16,7 +16,7 @@ runs):
 - the time for 8 clips: one call generating 8 clips, each configuration warmed up, then timed round-robin, so the
   speedup is a ratio measured in one run.
 
-    python benchmarks/digits_video.py --num 40 --steps 20
+    python benchmarks/digits_video.py --num 40 --steps 20 --threads 1
 """
 
 from __future__ import annotations
@@ -57,8 +57,12 @@ def main() -> None:
     parser.add_argument("--ref-clips", type=int, default=100, help="held-out real clips of the reference")
     parser.add_argument("--timing-clips", type=int, default=8, help="clips per timed call (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; 1 is fastest on a shared 2-core machine)")
     parser.add_argument("--out", default=None, help="also write the report (strips, preview, plots) here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     factory = VideoMetricFactory(MetricConfig(names=[], fid_features=args.fid_features),
                                  "fid,kid,clip,temporal,psnr,ssim,motion", reference_clips_num=args.ref_clips)
