@@ -10,7 +10,7 @@ from .errors import CachekitError, UsageError
 from .plans import PlanError, plan_names, resolve_plan
 from .registry import BlockGroupSpec, ModelSpec, register_model, supported_models
 from .schedule import Schedule, ScheduleError
-from .wrapper import branch, cached, disable, enable, release, reset, rows, sessions
+from .wrapper import branch, cached, compile, disable, enable, release, reset, rows, sessions
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "rows",
     "branch",
     "sessions",
+    "compile",
     "register_model",
     "ModelSpec",
     "BlockGroupSpec",

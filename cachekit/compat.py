@@ -294,3 +294,16 @@ def execution_device(pipe: Any) -> torch.device:
     """The device a pipeline runs its models on (diffusers' private `_execution_device`, offloading-aware)."""
     device = getattr(pipe, "_execution_device", None)
     return torch.device(device) if device is not None else next(pipe.transformer.parameters()).device
+
+
+def compiled_original(module: Any) -> Any:
+    """The module inside `torch.compile(module)`'s wrapper (torch's `OptimizedModule._orig_mod`), else `module`.
+
+    `torch.compile(transformer)` returns a wrapper around the same instance; cachekit's hooks go on the instance,
+    which the compiled wrapper calls, so enabling through the wrapper and through the instance is the same.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module

@@ -501,6 +501,10 @@ class CacheSession:
 
 _UNCACHED = _Compiled(None, 1)
 
+# what a caching hook does with one call (`_RowCachingHook._plan`); compared by identity
+_PASS, _SERVED, _ALL, _SOME = (object() for _ in range(4))
+_PASS_JOB = (_PASS,)
+
 
 class StepTrackerHook(ModelHook):
     """Transformer-level hook: sets the rows of each forward and ends cache lifetimes."""
@@ -525,26 +529,38 @@ class StepTrackerHook(ModelHook):
         return bound.arguments.get(name)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo is tracing: track in eager Python, compile the model's forward
+            return _tracked_forward_under_compile(self, args, kwargs)
+        rows, token = self._start(args, kwargs)
+        try:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self._abort(rows, token)
+            raise
+        self._finish(rows, token)
+        return output
+
+    def _start(self, args: tuple, kwargs: dict) -> tuple[StepRows, contextvars.Token | None]:
+        """Work out this forward's rows; the token is None when every row is uncached (nothing for the inner
+        hooks to decide or store, so they see no rows and pass straight through: a runner serving requests
+        without a plan)."""
         session = self.session
         declared = session.resolve_rows(_batch_size(args, kwargs), lambda: self._timestep(args, kwargs),
                                         self.cache_context.current)
         rows = session.begin(declared)
         if all(group.compiled.plan is None for group in session.groups_of(rows)):
-            # every row is uncached (a runner serving requests without a plan): nothing to decide or store, so
-            # the inner hooks see no rows and pass straight through
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            session.end(rows)
-            return output
-        token = session._rows.set(rows)
-        try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        except BaseException:
-            session.fail(rows)
-            raise
-        finally:
-            session._rows.reset(token)
-        session.end(rows)
-        return output
+            return rows, None
+        return rows, session._rows.set(rows)
+
+    def _abort(self, rows: StepRows, token: contextvars.Token | None) -> None:
+        if token is not None:
+            self.session.fail(rows)
+            self.session._rows.reset(token)
+
+    def _finish(self, rows: StepRows, token: contextvars.Token | None) -> None:
+        if token is not None:
+            self.session._rows.reset(token)
+        self.session.end(rows)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         """Called by diffusers at the end of every pipeline `__call__`: that call's generation is over."""
@@ -594,10 +610,39 @@ class _RowCachingHook(ModelHook):
         return cached
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo is tracing: decide in eager Python, compile the module's work
+            return _row_forward_under_compile(self, args, kwargs)
+        job = self._plan(args, kwargs)
+        kind = job[0]
+        if kind is _PASS:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if kind is _SERVED:
+            return job[1]
+        if kind is _ALL:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            if job[2]:
+                self._store_all(job[1], args, kwargs, output)
+            return output
+        _, rows, computing, c_args, c_kwargs = job[:5]
+        token = self.session._rows.set(computing)  # inner hooks see the computing rows alone
+        try:
+            computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
+        finally:
+            self.session._rows.reset(token)
+        return self._merge_some(job, args, kwargs, computed)
+
+    def _plan(self, args: tuple, kwargs: dict) -> tuple:
+        """What this call does: `(_PASS,)`, `(_SERVED, value)`, `(_ALL, rows, store?)` or `(_SOME, rows, computing
+        rows, their args, their kwargs, compute index, reuse index, batch size)`.
+
+        Split from the module's own forward so that under `torch.compile` this bookkeeping runs in eager Python
+        (`torch.compiler.disable`) while the module's forward, called between `_plan` and `_store_all` /
+        `_merge_some`, is compiled.
+        """
         session = self.session
         rows = session._rows.get()
         if rows is None:  # called outside a tracked transformer forward: behave like the stock module
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return _PASS_JOB
         cache = self.cache
         batch = rows.batch_size
         decision = session.decide(rows, self.block, self.component, self.mode)
@@ -618,25 +663,29 @@ class _RowCachingHook(ModelHook):
         session.stats.record(self.name, n_compute, batch - n_compute)
 
         if n_compute == batch:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            if missed or session.has_observers or session.keeps(rows, self.block, self.component, self.mode):
-                value = self._cache_value(args, kwargs, output)
-                cache.store(rows.keys, value, rows.step_list)
-                session.observe(rows, self.block, self.component, self.mode, value)
-            return output
+            store = missed or session.has_observers or session.keeps(rows, self.block, self.component, self.mode)
+            return (_ALL, rows, store)
         if n_compute == 0:
-            return self._serve(args, kwargs, session.serve(cache, rows, None, self.block, self.component))
-
+            return (_SERVED, self._serve(args, kwargs, session.serve(cache, rows, None, self.block, self.component)))
         compute_rows = compute.nonzero().flatten()
         reuse_rows = (~compute).nonzero().flatten()
-        computing = rows.subset(compute_rows)
         c_args, c_kwargs = self._take_input_rows(args, kwargs, compute_rows, batch)
-        with session.narrowed(computing):
-            computed = self.fn_ref.original_forward(*c_args, **c_kwargs)
+        return (_SOME, rows, rows.subset(compute_rows), c_args, c_kwargs, compute_rows, reuse_rows, batch)
+
+    def _store_all(self, rows: StepRows, args: tuple, kwargs: dict, output: Any) -> None:
+        """Every row computed: keep what a later step reads, and show it to the watching policies."""
+        value = self._cache_value(args, kwargs, output)
+        self.cache.store(rows.keys, value, rows.step_list)
+        self.session.observe(rows, self.block, self.component, self.mode, value)
+
+    def _merge_some(self, job: tuple, args: tuple, kwargs: dict, computed: Any) -> Any:
+        """Some rows computed (`computed`): store them, serve the others, and put the batch back in row order."""
+        _, rows, computing, c_args, c_kwargs, compute_rows, reuse_rows, batch = job
+        session = self.session
         value = self._cache_value(c_args, c_kwargs, computed)
-        cache.store(computing.keys, value, computing.step_list)
+        self.cache.store(computing.keys, value, computing.step_list)
         session.observe(computing, self.block, self.component, self.mode, value)
-        cached = session.serve(cache, rows, reuse_rows, self.block, self.component)
+        cached = session.serve(self.cache, rows, reuse_rows, self.block, self.component)
         if self.serve_needs_inputs:
             r_args, r_kwargs = self._take_input_rows(args, kwargs, reuse_rows, batch)
             served = self._serve(r_args, r_kwargs, cached)
@@ -730,11 +779,17 @@ class FeederSkipHook(ModelHook):
         self.component_hook = component_hook
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        rows = self.session._rows.get()
-        hook = self.component_hook
-        if rows is not None and args and self.session.reuses_all(rows, hook.block, hook.component, hook.cache):
+        if torch.compiler.is_compiling():
+            return _feeder_forward_under_compile(self, args, kwargs)
+        if self.skips(args):
             return args[0]
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    def skips(self, args: tuple) -> bool:
+        rows = self.session._rows.get()
+        hook = self.component_hook
+        return rows is not None and bool(args) and self.session.reuses_all(rows, hook.block, hook.component,
+                                                                            hook.cache)
 
 
 class _FirstInputProbe(ModelHook):
@@ -745,11 +800,77 @@ class _FirstInputProbe(ModelHook):
         self.session = session
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if torch.compiler.is_compiling():
+            return _probe_under_compile(self, module, args, kwargs)
+        return self.record(module, args, kwargs)
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = self.session.current_rows()
         hidden = args[0] if args else kwargs.get("hidden_states")
         if rows is not None and isinstance(hidden, torch.Tensor) and hidden.shape[0] == rows.batch_size:
             rows.scratch.setdefault(FIRST_INPUT, {}).update(zip(rows.keys, hidden.detach()))
         return args, kwargs
+
+
+# ---------------------------------------------------------------------- under torch.compile
+# When dynamo traces into a cachekit hook (a compiled transformer, or a compiled block), the hook hands over to one of
+# the functions below. Their own frame is skipped (`disable(recursive=False)`), so dynamo breaks the graph there
+# instead of tracing the bookkeeping (step indices, dicts keyed by request, per-row decisions), which would
+# specialise every graph on the step and recompile at each one. The bookkeeping helpers they call are disabled
+# entirely and run in eager Python; the module's own forward they call is compiled as its own frame, with the
+# compile settings in force. Only that forward is compiled, so the graphs depend on tensor shapes alone: a plain
+# pipeline call compiles each distinct piece once, whatever the schedule and the step count.
+
+@torch.compiler.disable
+def _eager(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+@torch.compiler.disable(recursive=False)
+def _row_forward_under_compile(hook: _RowCachingHook, args: tuple, kwargs: dict) -> Any:
+    job = _eager(hook._plan, args, kwargs)
+    kind = job[0]
+    forward = hook.fn_ref.original_forward
+    if kind is _PASS:
+        return forward(*args, **kwargs)
+    if kind is _SERVED:
+        return job[1]
+    if kind is _ALL:
+        output = forward(*args, **kwargs)
+        if job[2]:
+            _eager(hook._store_all, job[1], args, kwargs, output)
+        return output
+    rows_var = hook.session._rows
+    token = rows_var.set(job[2])
+    try:
+        computed = forward(*job[3], **job[4])
+    finally:
+        rows_var.reset(token)
+    return _eager(hook._merge_some, job, args, kwargs, computed)
+
+
+@torch.compiler.disable(recursive=False)
+def _tracked_forward_under_compile(hook: StepTrackerHook, args: tuple, kwargs: dict) -> Any:
+    rows, token = _eager(hook._start, args, kwargs)
+    try:
+        output = hook.fn_ref.original_forward(*args, **kwargs)
+    except BaseException:
+        _eager(hook._abort, rows, token)
+        raise
+    _eager(hook._finish, rows, token)
+    return output
+
+
+@torch.compiler.disable(recursive=False)
+def _feeder_forward_under_compile(hook: FeederSkipHook, args: tuple, kwargs: dict) -> Any:
+    if _eager(hook.skips, args):
+        return args[0]
+    return hook.fn_ref.original_forward(*args, **kwargs)
+
+
+@torch.compiler.disable
+def _probe_under_compile(hook: _FirstInputProbe, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return hook.record(module, args, kwargs)
 
 
 def attach_input_probe(transformer: nn.Module, session: CacheSession) -> None:
