@@ -214,3 +214,85 @@ for _spec in (
     ),
 ):
     register_model(_spec)
+
+
+# ------------------------------------------------------------------------------------------------ model coverage
+# The families beyond the seven above (issue 15). Each entry is data read off the diffusers block's forward: which
+# sub-modules it gates into its residual stream, and which of its arguments each element of its output updates.
+# `cachekit models` and docs/models.md list every transformer class of the installed diffusers against these.
+_FLUX_DOUBLE = ("attn", "ff", "ff_context")
+_FLUX_SINGLE = ("attn", "proj_mlp")
+_HIDDEN_FIRST = ("hidden_states", "encoder_hidden_states")
+_WAN_COMPONENTS = ("attn1", "attn2", "ffn")
+_WAN_FEEDERS = (("attn1", ("norm1",)), ("attn2", ("norm2",)), ("ffn", ("norm3",)))
+_CROSS_DIT = ("attn1", "attn2", "ff")
+
+
+def _flux_like(name: str, single_outputs: tuple[str, ...] = _JOINT_STREAM, *, double_outputs: tuple[str, ...] =
+               _JOINT_STREAM, timestep_scale: float = 1.0) -> ModelSpec:
+    """A FLUX-shaped model: double-stream blocks (both streams' attention and feed-forwards), then single-stream
+    blocks (their attention and MLP input projection)."""
+    return ModelSpec(name, (BlockGroupSpec("transformer_blocks", _FLUX_DOUBLE, double_outputs),
+                            BlockGroupSpec("single_transformer_blocks", _FLUX_SINGLE, single_outputs)),
+                     timestep_scale=timestep_scale)
+
+
+def _wan_like(name: str, *, feeders: bool = False) -> ModelSpec:
+    """A Wan-shaped model: self-attention, text cross-attention and feed-forward per block."""
+    return ModelSpec(name, (BlockGroupSpec("blocks", _WAN_COMPONENTS, cross_attention=("attn2",),
+                                           feeders=_WAN_FEEDERS if feeders else ()),))
+
+
+def _cross_dit(name: str, attr: str = "transformer_blocks") -> ModelSpec:
+    """A PixArt-shaped model: self-attention, text cross-attention, feed-forward."""
+    return ModelSpec(name, (BlockGroupSpec(attr, _CROSS_DIT, cross_attention=("attn2",)),))
+
+
+COVERAGE_SPECS: tuple[ModelSpec, ...] = (
+    # double + single stream (FLUX family and its descendants)
+    _flux_like("ChromaTransformer2DModel", ("hidden_states",), timestep_scale=1000.0),
+    _flux_like("BriaTransformer2DModel"),
+    _flux_like("LongCatImageTransformer2DModel", timestep_scale=1000.0),
+    _flux_like("OvisImageTransformer2DModel", timestep_scale=1000.0),
+    _flux_like("HunyuanVideoTransformer3DModel", _HIDDEN_FIRST, double_outputs=_HIDDEN_FIRST),
+    _flux_like("HunyuanImageTransformer2DModel", _HIDDEN_FIRST, double_outputs=_HIDDEN_FIRST),
+    _flux_like("MotifVideoTransformer3DModel", _HIDDEN_FIRST, double_outputs=_HIDDEN_FIRST),
+    ModelSpec("Flux2Transformer2DModel", (
+        BlockGroupSpec("transformer_blocks", _FLUX_DOUBLE, _JOINT_STREAM),
+        BlockGroupSpec("single_transformer_blocks", ("attn",)),  # one fused attention + MLP module
+    ), timestep_scale=1000.0),
+    ModelSpec("HunyuanVideo15Transformer3DModel", (BlockGroupSpec("transformer_blocks", _FLUX_DOUBLE, _HIDDEN_FIRST),)),
+    ModelSpec("AuraFlowTransformer2DModel", (
+        BlockGroupSpec("joint_transformer_blocks", _FLUX_DOUBLE, _JOINT_STREAM),
+        BlockGroupSpec("single_transformer_blocks", ("attn", "ff")),
+    ), timestep_scale=1000.0),
+    # self-attention + cross-attention + feed-forward (Wan family)
+    _wan_like("SkyReelsV2Transformer3DModel"),
+    _wan_like("ChronoEditTransformer3DModel", feeders=True),
+    _wan_like("WanVACETransformer3DModel", feeders=True),  # the VACE hint blocks run live
+    ModelSpec("HeliosTransformer3DModel", _wan_like("HeliosTransformer3DModel").groups,
+              unbatched_args=frozenset()),  # its rotary embedding has a batch dimension
+    # self-attention + cross-attention + feed-forward (PixArt family)
+    _cross_dit("AllegroTransformer3DModel"),
+    ModelSpec("LTXVideoTransformer3DModel", _cross_dit("LTXVideoTransformer3DModel").groups,
+              unbatched_args=frozenset()),  # its rotary embedding has a batch dimension
+    _cross_dit("SanaVideoTransformer3DModel"),
+    _cross_dit("Transformer2DModel"),
+    # one list of joint text + image blocks, one attention and one feed-forward for both streams
+    ModelSpec("CogView3PlusTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn1", "ff"), _HIDDEN_FIRST),)),
+    # CogView4 and GLM-Image run their one `ff` twice per block (image rows, then text rows), so it runs live: a
+    # component is one call per block forward
+    ModelSpec("CogView4Transformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn1",), _HIDDEN_FIRST),)),
+    ModelSpec("GlmImageTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn1",), _HIDDEN_FIRST),)),
+    ModelSpec("ConsisIDTransformer3DModel", (BlockGroupSpec("transformer_blocks", ("attn1", "ff"), _HIDDEN_FIRST),)),
+    # joint attention, a feed-forward per stream
+    ModelSpec("QwenImageTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn", "img_mlp", "txt_mlp"),
+                                                             _JOINT_STREAM),), timestep_scale=1000.0),
+    ModelSpec("JoyImageEditTransformer3DModel", (BlockGroupSpec("double_blocks", ("attn", "img_mlp", "txt_mlp"),
+                                                                _HIDDEN_FIRST),)),
+    ModelSpec("NucleusMoEImageTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn", "img_mlp")),),
+              timestep_scale=1000.0),
+)
+
+for _spec in COVERAGE_SPECS:
+    register_model(_spec)

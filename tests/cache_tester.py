@@ -11,6 +11,9 @@ and once reusing something. The mixin then checks, for each model class in `cach
 Adding a model to the registry (and its tiny config to `tiny_models.TINY_MODELS`) tests it with every technique.
 A technique that cannot act on a model (TGATE without cross-attention) says why in `not_applicable`, and the
 mixin checks that building its plan there is a clear error instead of silently doing nothing.
+
+The core classes (`MODELS`) get each check as its own test; the coverage classes (`COVERAGE_MODELS`) get all of
+them through `sweep`, one test per class (`test_techniques.py`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import torch
 
 import cachekit
 from cachekit.registry import supported_models
-from tiny_models import TINY_MODELS, build, denoise
+from tiny_models import CORE_MODELS, TINY_MODELS, build, denoise
 
 STEPS = 6
-MODELS = supported_models()
+MODELS = [name for name in supported_models() if name in CORE_MODELS]
+"""The classes each check runs on as its own test: the seven core classes, in depth."""
+COVERAGE_MODELS = [name for name in supported_models() if name not in CORE_MODELS]
+"""The coverage classes: each goes through every technique's checks in one test (`sweep`), so that forty more
+classes cost about a second each instead of a test per check."""
 
 
 def run(model: torch.nn.Module, name: str, plan=None) -> tuple[torch.Tensor, cachekit.sessions]:
@@ -64,6 +71,27 @@ class CacheTechniqueTester:
                 self.plan(model, reuse)
             pytest.skip(f"{type(self).__name__} cannot act on {type(model).__name__} (checked: a clear error)")
         return self.plan(model, reuse)
+
+    def sweep(self, model: torch.nn.Module, name: str, reference: torch.Tensor) -> bool:
+        """The four checks on one model in one pass, against its uncached `reference`; False where the technique
+        cannot act on the model (after checking that it says so clearly)."""
+        reason = self.not_applicable(model)
+        if reason is not None:
+            with pytest.raises((ValueError, TypeError), match=reason):
+                self.plan(model, True)
+            return False
+        out, stats = run(model, name, self.plan(model, reuse=False))
+        assert torch.equal(out, reference) and stats.reused == 0, f"{type(self).__name__}: nothing reused"
+        plan = self.plan(model, reuse=True)
+        out, stats = run(model, name, plan)
+        assert stats.reused > 0, f"{type(self).__name__}: nothing was reused"
+        assert torch.isfinite(out).all() and not torch.equal(out, reference), f"{type(self).__name__}: reuse"
+        assert cachekit.sessions(model) == []
+        with cachekit.cached(model, plan, scheduler=TINY_MODELS[name].scheduler()):
+            with pytest.raises(RuntimeError, match="already enabled"):
+                cachekit.enable(model, plan)
+        assert torch.equal(run(model, name)[0], reference), f"{type(self).__name__}: disable restores"
+        return True
 
     def test_nothing_reused_is_exact(self, model, name):
         plan = self._plan_or_skip(model, reuse=False)

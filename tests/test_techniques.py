@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cachekit
-from cache_tester import MODELS, STEPS, CacheTechniqueTester, run
+from cache_tester import COVERAGE_MODELS, MODELS, STEPS, CacheTechniqueTester, run
 from cachekit.policies import (
     FirstBlockCacheConfig,
     FirstBlockCachePolicy,
@@ -110,7 +110,10 @@ class TestBlockMode(TestComponentMode):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("mode", ["component", "block"])
 def test_calibration_is_exact_and_measures_every_unit(name, mode):
-    model = build(name)
+    _check_calibration(build(name), name, mode)
+
+
+def _check_calibration(model, name, mode):
     tiny = TINY_MODELS[name]
     scheduler = tiny.scheduler()
     reference, _ = run(model, name)
@@ -130,14 +133,19 @@ def test_calibration_is_exact_and_measures_every_unit(name, mode):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("policy", ["teacache", "magcache", "first-block"])
 def test_runtime_policy_calibration_fits_every_model(name, policy):
-    model = build(name)
+    _check_runtime_calibration(build(name), name, [policy])
+
+
+def _check_runtime_calibration(model, name, policies):
     tiny = TINY_MODELS[name]
     scheduler = tiny.scheduler()
     recorder = record_signals(model, lambda: denoise(model, tiny, STEPS, scheduler=scheduler), scheduler=scheduler)
-    values = fit(policy, recorder, STEPS)
-    plan = cachekit.policies.runtime_policy(policy, None, **{k: v for k, v in values.items() if k != "change_quantiles"})
-    out, _ = run(model, name, plan)
-    assert torch.isfinite(out).all()
+    for policy in policies:
+        values = fit(policy, recorder, STEPS)
+        plan = cachekit.policies.runtime_policy(policy, None,
+                                                **{k: v for k, v in values.items() if k != "change_quantiles"})
+        out, _ = run(model, name, plan)
+        assert torch.isfinite(out).all(), policy
 
 
 # ------------------------------------------------------------------------------------------------ a tiny search
@@ -162,7 +170,10 @@ def test_a_tiny_block_search_finds_valid_schedules(name, tmp_path):
 # ------------------------------------------------------------------------------------------------ many requests
 @pytest.mark.parametrize("name", MODELS)
 def test_mixed_requests_in_one_forward_equal_their_solo_calls(name):
-    model = build(name)
+    _check_mixed_requests(build(name), name)
+
+
+def _check_mixed_requests(model, name):
     tiny = TINY_MODELS[name]
     requests = [
         Request("block", 6, cachekit.resolve_plan("fora:interval=2"), seed=1),
@@ -176,3 +187,24 @@ def test_mixed_requests_in_one_forward_equal_their_solo_calls(name):
         assert cachekit.sessions(model)[0].cached_entries == 0
     for key, value in expected.items():
         assert torch.allclose(together[key], value, atol=1e-4, rtol=1e-3), key
+
+
+# ------------------------------------------------------------------------------------------------ coverage classes
+TECHNIQUES = sorted((cls for cls in list(globals().values()) if isinstance(cls, type)
+                     and issubclass(cls, CacheTechniqueTester) and cls.__name__.startswith("Test")),
+                    key=lambda cls: cls.__name__)
+
+
+@pytest.mark.parametrize("name", COVERAGE_MODELS)
+def test_every_technique_on_every_coverage_class(name):
+    """Each coverage class through every technique's four checks (`CacheTechniqueTester.sweep`), both modes'
+    calibration, the runtime policies' calibration, and many requests in one forward: one test per class, one
+    model build and one uncached reference shared by all."""
+    model = build(name)
+    reference, _ = run(model, name)
+    acted = [technique.__name__ for technique in TECHNIQUES if technique().sweep(model, name, reference)]
+    assert len(acted) >= len(TECHNIQUES) - 1  # only TGATE may not apply (no text cross-attention)
+    for mode in ("component", "block"):
+        _check_calibration(model, name, mode)
+    _check_runtime_calibration(model, name, ["teacache", "magcache", "first-block"])
+    _check_mixed_requests(model, name)

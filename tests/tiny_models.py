@@ -457,3 +457,173 @@ def tiny_flux_pipeline():
     pipe.default_sample_size = 8
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ------------------------------------------------------------------------------------------------ model coverage
+# The classes registered in `cachekit.registry.COVERAGE_SPECS`: the smallest configs each class accepts (one or two
+# blocks per block list, at least two blocks in all, 1-2 heads, 16-32 latent tokens) so every technique runs over all
+# of them in a second or two per class. `CORE_MODELS` are the seven classes the per-technique test grid covers in
+# depth; the coverage classes go through the same mixins, all techniques in one test per class.
+import diffusers  # noqa: E402  (the coverage classes by name)
+
+CORE_MODELS: tuple[str, ...] = tuple(sorted(TINY_MODELS))
+
+
+def _flux_ids(h: int, w: int) -> torch.Tensor:
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    return torch.stack(grid, -1).reshape(h * w, 3)
+
+
+def _ids4(h: int, w: int) -> torch.Tensor:
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), torch.zeros(1), indexing="ij")
+    return torch.stack(grid, -1).reshape(h * w, 4)
+
+
+def _add(name: str, build, latents, conditioning, scheduler=_flow, timestep_scale: float = 1.0) -> None:
+    TINY_MODELS[name] = TinyModel(name, build, latents, conditioning, scheduler, timestep_scale)
+
+
+# ---- FLUX-like double + single stream
+_add("ChromaTransformer2DModel",
+    lambda: diffusers.ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+        approximator_hidden_dim=16, approximator_layers=1),
+    lambda b, g: _randn(g, b, 16, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "img_ids": _flux_ids(4, 4), "txt_ids": torch.zeros(6, 3)},
+    timestep_scale=1000.0)
+_add("BriaTransformer2DModel",
+    lambda: diffusers.BriaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[0, 4, 4]),
+    lambda b, g: _randn(g, b, 16, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "img_ids": _flux_ids(4, 4), "txt_ids": torch.zeros(6, 3)})
+_add("LongCatImageTransformer2DModel",
+    lambda: diffusers.LongCatImageTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+    lambda b, g: _randn(g, b, 16, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "img_ids": _flux_ids(4, 4), "txt_ids": torch.zeros(6, 3)},
+    timestep_scale=1000.0)
+_add("OvisImageTransformer2DModel",
+    lambda: diffusers.OvisImageTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)),
+    lambda b, g: _randn(g, b, 16, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "img_ids": _flux_ids(4, 4), "txt_ids": torch.zeros(6, 3)},
+    timestep_scale=1000.0)
+_add("Flux2Transformer2DModel",
+    lambda: diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4)),
+    lambda b, g: _randn(g, b, 16, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "img_ids": _ids4(4, 4), "txt_ids": torch.zeros(6, 4),
+                  "guidance": torch.full((b,), 3.5)},
+    timestep_scale=1000.0)
+_add("HunyuanVideoTransformer3DModel",
+    lambda: diffusers.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)),
+    lambda b, g: _randn(g, b, 4, 1, 4, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "pooled_projections": _randn(g, b, 8),
+                  "encoder_attention_mask": torch.ones(b, 6), "guidance": torch.full((b,), 3500.0)})
+_add("HunyuanImageTransformer2DModel",
+    lambda: diffusers.HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4)),
+    lambda b, g: _randn(g, b, 4, 4, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "encoder_attention_mask": torch.ones(b, 6)})
+_add("HunyuanVideo15Transformer3DModel",
+    lambda: diffusers.HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
+        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v"),
+    lambda b, g: _randn(g, b, 4, 1, 4, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "encoder_attention_mask": torch.ones(b, 6),
+                  "encoder_hidden_states_2": _randn(g, b, 4, 8), "encoder_attention_mask_2": torch.ones(b, 4),
+                  "image_embeds": torch.zeros(b, 4, 12)})
+_add("MotifVideoTransformer3DModel",
+    lambda: diffusers.MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=1, num_single_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, rope_axes_dim=(2, 2, 4)),
+    lambda b, g: _randn(g, b, 4, 1, 4, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "encoder_attention_mask": torch.ones(b, 6)})
+_add("AuraFlowTransformer2DModel",
+    lambda: diffusers.AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+        num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        caption_projection_dim=16, out_channels=4, pos_embed_max_size=16),
+    lambda b, g: _randn(g, b, 4, 8, 8),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)}, timestep_scale=1000.0)
+# ---- Wan-like
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+            freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+_add("SkyReelsV2Transformer3DModel", lambda: diffusers.SkyReelsV2Transformer3DModel(**_WAN),
+    lambda b, g: _randn(g, b, 4, 2, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)})
+_add("ChronoEditTransformer3DModel", lambda: diffusers.ChronoEditTransformer3DModel(**_WAN),
+    lambda b, g: _randn(g, b, 4, 2, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)})
+_add("WanVACETransformer3DModel", lambda: diffusers.WanVACETransformer3DModel(**_WAN, vace_layers=[0], vace_in_channels=4),
+    lambda b, g: _randn(g, b, 4, 2, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16),
+                                                  "control_hidden_states": _randn(g, b, 4, 2, 8, 8)})
+_add("HeliosTransformer3DModel",
+    lambda: diffusers.HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4),
+        has_multi_term_memory_patch=False),
+    lambda b, g: _randn(g, b, 4, 2, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)})
+# ---- cross-attention DiTs
+_add("AllegroTransformer3DModel",
+    lambda: diffusers.AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=16, sample_width=8, sample_height=8, sample_frames=8, caption_channels=8),
+    lambda b, g: _randn(g, b, 4, 2, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 8)}, scheduler=_dpm)
+_add("LTXVideoTransformer3DModel",
+    lambda: diffusers.LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16),
+    lambda b, g: _randn(g, b, 32, 4),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "encoder_attention_mask": torch.ones(b, 6),
+                  "num_frames": 2, "height": 4, "width": 4})
+_add("SanaVideoTransformer3DModel",
+    lambda: diffusers.SanaVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=16, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32),
+    lambda b, g: _randn(g, b, 4, 2, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)})
+_add("Transformer2DModel",
+    lambda: diffusers.Transformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, cross_attention_dim=16, caption_channels=16, patch_size=2, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, use_additional_conditions=False),
+    lambda b, g: _randn(g, b, 4, 8, 8),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 5, 16), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}},
+    scheduler=_dpm)
+# ---- MM-DiT, one stream list
+_add("CogView3PlusTransformer2DModel",
+    lambda: diffusers.CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, out_channels=4, text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8,
+        sample_size=8),
+    lambda b, g: _randn(g, b, 4, 8, 8),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 8), "original_size": torch.tensor([[16.0, 16.0]] * b),
+                  "target_size": torch.tensor([[16.0, 16.0]] * b), "crop_coords": torch.zeros(b, 2)}, scheduler=_dpm)
+_add("CogView4Transformer2DModel",
+    lambda: diffusers.CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, out_channels=4, text_embed_dim=8, time_embed_dim=8, condition_dim=2, rope_axes_dim=(4, 4)),
+    lambda b, g: _randn(g, b, 4, 8, 8),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 8), "original_size": torch.tensor([[16.0, 16.0]] * b),
+                  "target_size": torch.tensor([[16.0, 16.0]] * b), "crop_coords": torch.zeros(b, 2)})
+_add("ConsisIDTransformer3DModel",
+    lambda: diffusers.ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        time_embed_dim=2, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16),
+    lambda b, g: _randn(g, b, 3, 4, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 16, 16)}, scheduler=_dpm)
+_add("QwenImageTransformer2DModel",
+    lambda: diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)),
+    lambda b, g: _randn(g, b, 16, 16),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "encoder_hidden_states_mask": torch.ones(b, 6),
+                  "img_shapes": [(1, 4, 4)] * b}, timestep_scale=1000.0)
+_add("NucleusMoEImageTransformer2DModel",
+    lambda: diffusers.NucleusMoEImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+        attention_head_dim=64, num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(16, 24, 24),
+        moe_enabled=False),  # the dense MLP's width rounds down to multiples of 128: 128 wide is the least
+    lambda b, g: _randn(g, b, 16, 16),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "encoder_hidden_states_mask": torch.ones(b, 6),
+                  "img_shapes": [(1, 4, 4)] * b}, timestep_scale=1000.0)
+_add("JoyImageEditTransformer3DModel",
+    lambda: diffusers.JoyImageEditTransformer3DModel(patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=32,
+        num_attention_heads=2, text_dim=16, num_layers=2, rope_dim_list=[4, 6, 6]),
+    lambda b, g: _randn(g, b, 4, 1, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)})
+_add("GlmImageTransformer2DModel",
+    lambda: diffusers.GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, text_embed_dim=8, time_embed_dim=8, condition_dim=2, prior_vq_quantizer_codebook_size=16),
+    lambda b, g: _randn(g, b, 4, 8, 8),
+    lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 8), "prior_token_id": torch.randint(0, 16, (b, 16), generator=g),
+                  "prior_token_drop": torch.zeros(b, dtype=torch.bool),
+                  "target_size": torch.tensor([[16.0, 16.0]] * b), "crop_coords": torch.zeros(b, 2)})

@@ -112,6 +112,8 @@ class SignalRecorder(BlockSkipPolicy):
     def observe(self, rows: StepRows, block: int, component: int, value: Any) -> None:
         residual = _hidden_residual(value).detach().float().cpu()
         stack = rows.scratch.get(("stack", id(self)))
+        if stack is not None and residual.ndim == stack.ndim == 3 and residual.shape[1] > stack.shape[1]:
+            residual = residual[:, -stack.shape[1]:]  # a single-stream block over [text, image]: the image tokens
         stack = residual if stack is None else stack + residual
         rows.scratch[("stack", id(self))] = stack
         first_inputs = rows.scratch.get(FIRST_INPUT, {})
