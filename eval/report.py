@@ -331,10 +331,12 @@ def write_video_report(
         paths["strips"] = out / "strips.png"
         save_frame_strips(columns, prompts or [], paths["strips"])
         report["strips"] = "strips.png"
-        from cachekit.pipelines.video_io import VideoDependencyError, write_video
+        from cachekit.pipelines.video_io import VideoDependencyError, upscale_factor, write_video
 
+        animation = preview_frames(columns)
+        scale = upscale_factor(*animation.shape[-2:], min_side=256)  # 32x32 clips: big enough to see the digits
         try:
-            paths["preview"] = write_video(preview_frames(columns), out / "preview.gif", fps=fps)
+            paths["preview"] = write_video(animation, out / "preview.gif", fps=fps, scale=scale)
             report["preview"] = "preview.gif"
         except VideoDependencyError as err:
             report["preview_error"] = str(err)
