@@ -58,6 +58,8 @@ _EXPORTS = {
     "evaluate_video": "video",
     "VideoMetricFactory": "video",
     "video_prompt_set": "video",
+    "FVD": "fvd",
+    "load_video_features": "fvd",
     "get_dist": "distributed",
 }
 

@@ -27,8 +27,8 @@ from cachekit.eval.cli import main as eval_main
 from cachekit.eval.fidelity import SSIM
 from cachekit.eval.reference import reference_clips
 from cachekit.eval.suite import MetricConfig
-from cachekit.eval.video import (FVD, I3DFeatures, VideoMAEFeatures, VideoMetricFactory, load_video_features,
-                                 parse_video_metric_names, video_prompt_set)
+from cachekit.eval.fvd import FVD, I3DFeatures, VideoMAEFeatures, load_video_features
+from cachekit.eval.video import VideoMetricFactory, parse_video_metric_names, video_prompt_set
 from cachekit.eval.weights import MissingWeightsError
 
 CLIP_FEATURES = MetricConfig(names=[], fid_features="clip", kid_subsets=10)  # the digits CLIP: fast on CPU
