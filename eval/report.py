@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -171,15 +171,20 @@ def write_report(
         paths["grid"] = out / "grid.png"
         save_grid(grid_columns, grid_prompts or [], paths["grid"])
         report["grid"] = "grid.png"
-    cached = [k for k in report["schedules"] if k != "uncached"]
-    if len(cached) > 1:
+    return _finish_report(report, out, paths, render_markdown)
+
+
+def _finish_report(report: dict[str, Any], out: Path, paths: dict[str, Path],
+                   render: Callable[[dict[str, Any]], str]) -> dict[str, Path]:
+    """tradeoff.png when there are several plans, then report.json and report.md, last, since they name the figures."""
+    if len([k for k in report["schedules"] if k != "uncached"]) > 1:
         paths["tradeoff_plot"] = out / "tradeoff.png"
         save_tradeoff_plot(report, paths["tradeoff_plot"])
         report["tradeoff_plot"] = "tradeoff.png"
     paths["json"] = out / "report.json"
     write_json(report, paths["json"])
     paths["markdown"] = out / "report.md"
-    write_text(paths["markdown"], render_markdown(report))
+    write_text(paths["markdown"], render(report))
     return paths
 
 
@@ -343,12 +348,4 @@ def write_video_report(
     paths["per_frame_plot"] = out / "per_frame.png"
     save_per_frame_plot(report, paths["per_frame_plot"])
     report["per_frame_plot"] = "per_frame.png"
-    if len([k for k in report["schedules"] if k != "uncached"]) > 1:
-        paths["tradeoff_plot"] = out / "tradeoff.png"
-        save_tradeoff_plot(report, paths["tradeoff_plot"])
-        report["tradeoff_plot"] = "tradeoff.png"
-    paths["json"] = out / "report.json"
-    write_json(report, paths["json"])
-    paths["markdown"] = out / "report.md"
-    write_text(paths["markdown"], render_video_markdown(report))
-    return paths
+    return _finish_report(report, out, paths, render_video_markdown)
