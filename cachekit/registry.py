@@ -292,6 +292,24 @@ COVERAGE_SPECS: tuple[ModelSpec, ...] = (
                                                                 _HIDDEN_FIRST),)),
     ModelSpec("NucleusMoEImageTransformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn", "img_mlp")),),
               timestep_scale=1000.0),
+    ModelSpec("EasyAnimateTransformer3DModel", (BlockGroupSpec("transformer_blocks", ("attn1", "ff", "txt_ff"),
+                                                               _HIDDEN_FIRST),)),
+    # more double + single stream
+    _flux_like("BriaFiboTransformer2DModel", ("hidden_states",)),
+    _flux_like("HunyuanVideoFramepackTransformer3DModel", _HIDDEN_FIRST, double_outputs=_HIDDEN_FIRST),
+    # FLUX.3: the per-mode blocks (text, image, image condition) run live, as the image ones sit in a ModuleDict; the
+    # joint single-stream blocks, most of the depth, are cached. No stock pipeline yet: the scale is FLUX.2's.
+    ModelSpec("Flux3Transformer2DModel", (BlockGroupSpec("single_transformer_blocks", ("attn", "ff"), _JOINT_STREAM),),
+              timestep_scale=1000.0),
+    # one stream over [text, image] tokens: attention and feed-forward
+    ModelSpec("Krea2Transformer2DModel", (BlockGroupSpec("transformer_blocks", ("attn", "ff")),), timestep_scale=1000.0),
+    # PRX's MLP is three linears in the block itself; its output projection `down_proj` is the MLP's output
+    ModelSpec("PRXTransformer2DModel", (BlockGroupSpec("blocks", ("attention", "down_proj")),), timestep_scale=1000.0,
+              unbatched_args=frozenset()),  # its rotary embedding has a batch dimension
+    # self-attention + cross-attention + feed-forward, U-ViT skips between blocks (HunyuanDiT)
+    _cross_dit("HunyuanDiT2DModel", "blocks"),
+    # the unCLIP prior (Kandinsky 2.x, Shap-E): denoises a CLIP image embedding
+    ModelSpec("PriorTransformer", (BlockGroupSpec("transformer_blocks", ("attn1", "ff")),)),
 )
 
 for _spec in COVERAGE_SPECS:

@@ -250,6 +250,8 @@ def _cat(values: list):
         return torch.cat(values) if first.shape[0] == 1 else first  # unbatched inputs (FLUX ids) pass whole
     if isinstance(first, dict):
         return {k: _cat([v[k] for v in values]) for k in first}
+    if isinstance(first, list) and first and isinstance(first[0], torch.Tensor):  # per-layer text states (Bria FIBO)
+        return [_cat([v[i] for v in values]) for i in range(len(first))]
     return first
 
 
@@ -627,3 +629,81 @@ _add("GlmImageTransformer2DModel",
     lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 8), "prior_token_id": torch.randint(0, 16, (b, 16), generator=g),
                   "prior_token_drop": torch.zeros(b, dtype=torch.bool),
                   "target_size": torch.tensor([[16.0, 16.0]] * b), "crop_coords": torch.zeros(b, 2)})
+
+
+def _krea_positions(text: int, h: int, w: int) -> torch.Tensor:
+    positions = torch.zeros(text + h * w, 3)
+    positions[text:, 1] = torch.arange(h).repeat_interleave(w).float()
+    positions[text:, 2] = torch.arange(w).repeat(h).float()
+    return positions
+
+
+def _hunyuan_dit_rope():
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    return get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4))
+
+
+_add("EasyAnimateTransformer3DModel",
+     lambda: diffusers.EasyAnimateTransformer3DModel(
+         attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2, num_layers=2, out_channels=4,
+         patch_size=2, sample_height=8, sample_width=8, text_embed_dim=16, time_embed_dim=8),
+     lambda b, g: _randn(g, b, 4, 2, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)})
+_add("BriaFiboTransformer2DModel",
+     lambda: diffusers.BriaFiboTransformer2DModel(
+         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+         joint_attention_dim=32, text_encoder_dim=16, axes_dims_rope=[0, 4, 4]),
+     lambda b, g: _randn(g, b, 16, 4),
+     lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "img_ids": _flux_ids(4, 4), "txt_ids": torch.zeros(6, 3),
+                   "text_encoder_layers": [_randn(g, b, 6, 16), _randn(g, b, 6, 16)]})
+_add("HunyuanVideoFramepackTransformer3DModel",  # two frames everywhere: its frame indices are unbatched, 1-D
+     lambda: diffusers.HunyuanVideoFramepackTransformer3DModel(
+         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
+         num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+         pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), has_image_proj=True, image_proj_dim=16,
+         has_clean_x_embedder=True),
+     lambda b, g: _randn(g, b, 4, 2, 4, 4),
+     lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "pooled_projections": _randn(g, b, 8),
+                   "encoder_attention_mask": torch.ones(b, 6), "guidance": torch.full((b,), 3500.0),
+                   "image_embeds": _randn(g, b, 4, 16), "indices_latents": torch.arange(2.0),
+                   "latents_clean": _randn(g, b, 4, 2, 4, 4), "indices_latents_clean": torch.zeros(2),
+                   "latents_history_2x": _randn(g, b, 4, 2, 4, 4), "indices_latents_history_2x": torch.zeros(2),
+                   "latents_history_4x": _randn(g, b, 4, 8, 4, 4), "indices_latents_history_4x": torch.zeros(8)})
+_add("Flux3Transformer2DModel",
+     lambda: diffusers.Flux3Transformer2DModel(
+         in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+         num_attention_heads=2, joint_attention_dim=32, timestep_channels=16, axes_dims_rope=(4, 4, 4, 4)),
+     lambda b, g: _randn(g, b, 16, 4),
+     lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 32), "img_ids": _ids4(4, 4), "txt_ids": torch.zeros(6, 4)},
+     timestep_scale=1000.0)
+_add("Krea2Transformer2DModel",
+     lambda: diffusers.Krea2Transformer2DModel(
+         in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, num_key_value_heads=1,
+         intermediate_size=32, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=2, text_num_attention_heads=2,
+         text_num_key_value_heads=1, text_intermediate_size=16, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+         axes_dims_rope=(4, 2, 2)),
+     lambda b, g: _randn(g, b, 16, 4),
+     lambda b, g: {"encoder_hidden_states": _randn(g, b, 4, 2, 16), "position_ids": _krea_positions(4, 4, 4)},
+     timestep_scale=1000.0)
+_add("PRXTransformer2DModel",
+     lambda: diffusers.PRXTransformer2DModel(
+         in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=2,
+         axes_dim=[8, 8]),
+     lambda b, g: _randn(g, b, 4, 8, 8), lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)},
+     timestep_scale=1000.0)
+_add("HunyuanDiT2DModel",
+     lambda: diffusers.HunyuanDiT2DModel(
+         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+         cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8, hidden_size=16, text_len=4,
+         text_len_t5=4),
+     lambda b, g: _randn(g, b, 4, 8, 8),
+     lambda b, g: {"encoder_hidden_states": _randn(g, b, 4, 16), "text_embedding_mask": torch.ones(b, 4),
+                   "encoder_hidden_states_t5": _randn(g, b, 4, 16), "text_embedding_mask_t5": torch.ones(b, 4),
+                   "image_meta_size": torch.tensor([[16.0, 16.0, 16.0, 16.0, 0.0, 0.0]] * b),
+                   "style": torch.zeros(b, dtype=torch.long), "image_rotary_emb": _hunyuan_dit_rope()},
+     scheduler=_dpm)
+_add("PriorTransformer",
+     lambda: diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=2, embedding_dim=8,
+                                        num_embeddings=7, additional_embeddings=4),
+     lambda b, g: _randn(g, b, 8),
+     lambda b, g: {"proj_embedding": _randn(g, b, 8), "encoder_hidden_states": _randn(g, b, 7, 8)}, scheduler=_dpm)
