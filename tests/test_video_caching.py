@@ -164,6 +164,21 @@ def test_policies_take_per_token_timesteps(pipe, declared):
 
 
 # ------------------------------------------------------------------------------------ search and bench
+def test_clips_are_judged_frame_by_frame_and_the_model_has_its_own_prompts():
+    from cachekit.eval.images import to_uint8
+    from cachekit.eval.prompts import load_prompts, prompts_for_model
+
+    clips = torch.rand(2, 9, 3, 32, 32)
+    frames = to_uint8(clips)
+    assert frames.shape == (18, 3, 32, 32) and torch.equal(frames[9], to_uint8(clips[1, :1])[0])
+    assert torch.equal(to_uint8(clips.permute(0, 1, 3, 4, 2).numpy()), frames)  # numpy NFHWC, output_type="np"
+    assert prompts_for_model("digits", "digits-video") == "digits-video"
+    assert prompts_for_model("digits", "digits") == "digits" and prompts_for_model("x.txt", "digits-video") == "x.txt"
+    video = load_prompts("digits-video", 3, seed=2)
+    assert video.name == "digits-video" and len(video) == 3
+    assert {"label", "direction"} <= set(video.meta[0]) and video.prompts == digits_video_prompts(3, 2).prompts
+
+
 def test_the_search_cli_runs_on_the_video_model_and_writes_usable_schedules(tmp_path, pipe, capsys):
     from cachekit.cli import main
 
