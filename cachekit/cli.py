@@ -19,11 +19,11 @@ from . import cli_options as opts
 
 __all__ = ["main", "build_parser"]
 
-# Verbs provided by the other packages, imported only when present: `generate` and `schedule make`
+# Verbs provided by other modules, imported only when present: `models` (cachekit.coverage), `generate` and `schedule make`
 # (cachekit.pipelines), `serve` (cachekit.pipelines.server), `eval` and `bench` (cachekit.eval), `calibrate`, `solve`
 # and `search` (cachekit.search).
-_PLUGIN_MODULES = ("cachekit.pipelines.cli", "cachekit.pipelines.server.cli", "cachekit.eval.cli",
-                   "cachekit.search.cli")
+_PLUGIN_MODULES = ("cachekit.coverage", "cachekit.pipelines.cli", "cachekit.pipelines.server.cli",
+                   "cachekit.eval.cli", "cachekit.search.cli")
 
 
 def _cmd_schedule_show(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ __all__ = [
     "resolve_layout",
     "supported_models",
     "UnsupportedModelError",
+    "COVERAGE_SPECS",
+    "NOT_SUPPORTED",
 ]
 
 BLOCK_COMPONENT = "block"
@@ -314,3 +316,56 @@ COVERAGE_SPECS: tuple[ModelSpec, ...] = (
 
 for _spec in COVERAGE_SPECS:
     register_model(_spec)
+
+NOT_SUPPORTED: dict[str, str] = {
+    # Why each transformer class of diffusers 0.42 that has no entry above has none. `cachekit models` lists every
+    # class of the installed diffusers as supported (an entry) or not (a reason here); the coverage test fails on a
+    # class that is in neither, so a new diffusers class is a decision, not a silent gap.
+    "AceStepTransformer1DModel": "audio-only (music generation)",
+    "AnyFlowFARTransformer3DModel": "frame-autoregressive: keeps its own KV cache across calls over chunks of frames",
+    "AnyFlowTransformer3DModel": "takes one timestep per frame (batch, frames) plus a delta timestep; not yet covered",
+    "BriaFibo2Transformer2DModel": "not yet covered: needs its gist/perceiver text inputs in a tiny config",
+    "Cosmos3OmniTransformer": "packed multimodal language model (token ids, vision/sound/action token packing)",
+    "CosmosTransformer3DModel": "its pipelines pass the noise level sigma / (sigma + 1), not a scheduler timestep; step "
+                                "tracking maps timesteps by a scale",
+    "DreamLiteTransformer2DModel": "a transformer layer inside a UNet (continuous input), not a stand-alone denoiser",
+    "ErnieImageTransformer2DModel": "its blocks run sequence-first (tokens, batch, channels): per-row state slices the "
+                                    "batch on dimension 0",
+    "HiDreamImageTransformer2DModel": "not yet covered: its forward names the timestep `timesteps` and takes Llama "
+                                      "hidden states of every layer",
+    "Ideogram4Transformer2DModel": "its pipeline passes a reversed timestep (1 - t / 1000); step tracking maps "
+                                   "timesteps by a scale",
+    "JoyImageEditPlusTransformer3DModel": "not yet covered: patchified multi-image input with per-sample shape lists",
+    "Kandinsky5Transformer3DModel": "its forward has no batch dimension (one sample per call)",
+    "Kandinsky6SRTransformer3DModel": "super-resolution stage: its input stacks the low-resolution condition, no batch "
+                                      "dimension; not yet covered",
+    "Kandinsky6Transformer3DModel": "joint audio-video: fused blocks over two latent streams",
+    "LTX2VideoTransformer3DModel": "joint audio-video: a second (audio) latent stream through every block; not yet "
+                                   "covered",
+    "LatteTransformer3DModel": "its spatial and temporal blocks fold frames or tokens into the batch dimension: "
+                               "per-row state cannot follow a request",
+    "LongCatAudioDiTTransformer": "audio-only",
+    "Lumina2Transformer2DModel": "its pipeline passes a reversed timestep (1 - t / 1000); step tracking maps "
+                                 "timesteps by a scale",
+    "LuminaNextDiT2DModel": "its pipeline passes a reversed timestep (1 - t / 1000); step tracking maps timesteps by "
+                            "a scale",
+    "MiniMaxH3Transformer3DModel": "joint audio-video token packing",
+    "MiniMaxMusic3RVQDepthDecoder": "audio-codec token decoder, not a denoiser",
+    "MiniMaxMusic3Transformer1DModel": "audio-only (music generation)",
+    "MochiTransformer3DModel": "its pipeline passes a reversed timestep (1000 - t); step tracking maps timesteps by a "
+                               "scale",
+    "OmniGenTransformer2DModel": "not yet covered: language-model input (token ids, image latent lists, position ids)",
+    "QwenImage21Transformer2DModel": "lays out one token sequence for the whole batch from its first row: rows of "
+                                     "different requests cannot compute apart",
+    "RFD4ProteinaTransformer": "protein structure generation, not images or video",
+    "SanaWMLTX2RefinerTransformer3DModel": "joint audio-video refiner (LTX-2 layout)",
+    "SanaWMTransformer3DModel": "not yet covered: camera-controlled world model with chunked camera inputs",
+    "StableAudio3DiTModel": "audio-only",
+    "StableAudioDiTModel": "audio-only",
+    "T5FilmDecoder": "audio-only (spectrogram decoder)",
+    "TransformerTemporalModel": "a temporal layer inside a video UNet, not a stand-alone denoiser",
+    "WanAnimate2Transformer3DModel": "list-of-samples input with a KV cache across calls",
+    "WanAnimateTransformer3DModel": "not yet covered: pose and face-video inputs, input channels differ from output",
+    "ZImageTransformer2DModel": "its pipeline passes a reversed timestep ((1000 - t) / 1000); step tracking maps "
+                                "timesteps by a scale",
+}

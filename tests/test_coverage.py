@@ -1,0 +1,84 @@
+"""The coverage table: every transformer class of the installed diffusers is supported or has a reason.
+
+A diffusers upgrade that adds a transformer class fails `test_every_installed_class_is_classified` until someone
+decides: a registry entry plus a tiny config, or a line in `registry.NOT_SUPPORTED` saying why not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import cachekit.coverage as cov
+from cachekit.cli import main
+from cachekit.registry import COVERAGE_SPECS, NOT_SUPPORTED, supported_models
+from tiny_models import CORE_MODELS, TINY_MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[cov.CoverageRow]:
+    return cov.coverage()
+
+
+def test_every_installed_class_is_classified(rows):
+    assert cov.unclassified(rows) == [], "new diffusers transformer classes: register them or say why not " \
+                                         "in cachekit.registry.NOT_SUPPORTED"
+
+
+def test_reasons_and_entries_do_not_contradict_or_go_stale(rows):
+    installed = {r.class_name for r in rows}
+    assert not set(NOT_SUPPORTED) & set(supported_models())
+    assert set(NOT_SUPPORTED) <= installed, "reasons for classes this diffusers no longer has"
+    assert set(supported_models()) <= installed
+    assert all(reason.strip() for reason in NOT_SUPPORTED.values())
+
+
+def test_at_least_forty_supported_classes_each_with_a_tiny_model(rows):
+    supported = [r.class_name for r in rows if r.supported]
+    assert len(supported) >= 40
+    assert set(supported) <= set(TINY_MODELS)  # so every technique runs over each (test_techniques, test_core_hooks)
+    assert {s.class_name for s in COVERAGE_SPECS} == set(TINY_MODELS) - set(CORE_MODELS)
+
+
+def test_the_table_names_what_tests_each_class_and_the_pipeline_tests_exist(rows):
+    for row in rows:
+        assert (row.tests != "") == row.supported and (row.reason != "") != row.supported
+    for name, pipeline in cov.PIPELINE_TESTS.items():
+        assert name in supported_models()
+        assert pipeline.split()[0] in {r.__name__ for r in _stock_pipelines()}
+
+
+def _stock_pipelines():
+    import diffusers
+
+    return [getattr(diffusers, name) for name in ("PixArtAlphaPipeline", "WanPipeline", "StableDiffusion3Pipeline",
+                                                  "SanaPipeline", "FluxPipeline")]
+
+
+def test_docs_models_md_is_generated_from_the_registry(rows):
+    spec = importlib.util.spec_from_file_location("write_models_doc", ROOT / "scripts" / "write_models_doc.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert (ROOT / "docs" / "models.md").read_text() == script.HEADER + cov.markdown(rows), \
+        "docs/models.md is out of date: run python scripts/write_models_doc.py"
+
+
+def test_cachekit_models_lists_every_class(capsys, rows):
+    assert main(["models", "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["class_name"] for r in listed] == [r.class_name for r in rows]
+    assert main(["models", "--unsupported"]) == 0
+    out = capsys.readouterr().out
+    assert "not supported: audio-only" in out and "PixArtTransformer2DModel" not in out
+
+
+def test_cachekit_models_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["models", "--help"])
+    assert done.value.code == 0 and "ModelMixin" in capsys.readouterr().out
+    assert main(["models", "--supported", "--unsupported"]) == 2
