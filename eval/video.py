@@ -112,19 +112,29 @@ class VideoPromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @classmethod
+    def from_prompt_set(cls, prompt_set: Any, seed: int = 0) -> "VideoPromptSet":
+        """The typed view of a `PromptSet` whose meta gives each prompt's `label` and `direction` (`digits-video`)."""
+        meta = list(prompt_set.meta or [])
+        if len(meta) != len(prompt_set.prompts) or not all({"label", "direction"} <= set(m) for m in meta):
+            raise UsageError(f"prompt set {prompt_set.name!r} does not say each prompt's digit and direction; the "
+                             "video evaluation needs them (use the digits-video prompts)")
+        return cls(list(prompt_set.prompts), [int(m["label"]) for m in meta], [str(m["direction"]) for m in meta],
+                   prompt_set.source, seed)
+
     def describe(self) -> dict[str, Any]:
         """What the report records about the prompts."""
         return {"name": "digits-video", "source": self.source, "seed": self.seed, "num_prompts": len(self.prompts)}
 
 
 def video_prompt_set(num: int = 40, seed: int = 0) -> VideoPromptSet:
-    """`num` digits-video prompts ("a handwritten 3 moving left", ...): digits and directions cycled, seeded phrasing."""
-    from cachekit.zoo.digits_video_data import video_prompts
+    """`num` digits-video prompts ("a handwritten 3 moving left", ...): digits and directions cycled, seeded phrasing
+    (`cachekit.eval.prompts.digits_video_prompts`, the set every command uses for the video model)."""
+    from .prompts import digits_video_prompts
 
     if num < 1:
         raise UsageError(f"need at least one prompt, got {num}")
-    rows = video_prompts(num, seed=seed)
-    return VideoPromptSet([p for p, _, _ in rows], [int(l) for _, l, _ in rows], [d for _, _, d in rows], seed=seed)
+    return VideoPromptSet.from_prompt_set(digits_video_prompts(num, seed), seed)
 
 
 # -------------------------------------------------------------------------------------------------------- frames

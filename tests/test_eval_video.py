@@ -28,7 +28,8 @@ from cachekit.eval.fidelity import SSIM
 from cachekit.eval.reference import reference_clips
 from cachekit.eval.suite import MetricConfig
 from cachekit.eval.fvd import FVD, I3DFeatures, VideoMAEFeatures, load_video_features
-from cachekit.eval.video import VideoMetricFactory, parse_video_metric_names, video_prompt_set
+from cachekit.eval.prompts import digits_prompts, digits_video_prompts
+from cachekit.eval.video import VideoMetricFactory, VideoPromptSet, parse_video_metric_names, video_prompt_set
 from cachekit.eval.weights import MissingWeightsError
 
 CLIP_FEATURES = MetricConfig(names=[], fid_features="clip", kid_subsets=10)  # the digits CLIP: fast on CPU
@@ -158,6 +159,9 @@ def test_metric_names_and_prompts():
         parse_video_metric_names("fid,lpips")
     prompts = video_prompt_set(8, seed=3)
     assert len(prompts) == 8 and prompts.labels[:3] == [0, 1, 2]
+    assert prompts.prompts == digits_video_prompts(8, seed=3).prompts  # the set every command uses
+    with pytest.raises(UsageError, match="digit and direction"):
+        VideoPromptSet.from_prompt_set(digits_prompts(4))
     assert all(d in p or {"up": "upward", "down": "downward"}[d] in p
                for p, d in zip(prompts.prompts, prompts.directions) if d in ("up", "down"))
 
