@@ -36,8 +36,42 @@ many requests in one forward, and MAC prediction within 1%.
 """
 
 
+PEERS_HEADER = """
+### Peers on the supported classes
+
+What the bench's peers (`cachekit bench`) do with each supported class, from each peer's own check on the tiny
+config: "acts", or the peer's reason. cache-dit's DBCache uses its registered adapter for the class, else a
+`BlockAdapter` built from the registry entry (every entry's block outputs map to one of its forward patterns).
+
+| class | diffusers FBCache / MagCache | diffusers TaylorSeer / FasterCache / PAB | cache-dit DBCache |
+|---|---|---|---|
+"""
+
+
+def peer_table() -> str:
+    """Each supported class's tiny config in a bare `DiffusionPipeline`, asked by each diffusers peer whether it can
+    act (`Peer.check`). cache-dit is not asked: whether it is installed must not change the document."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from cachekit.eval.peers import get_peer
+
+    sys.path.insert(0, str(DOC.parents[1] / "tests"))
+    from tiny_models import TINY_MODELS, build
+
+    block, attention = get_peer("diffusers.fbcache"), get_peer("diffusers.taylorseer")
+    lines = []
+    for name in sorted(TINY_MODELS):
+        with torch.no_grad():
+            pipe = DiffusionPipeline()
+            pipe.register_modules(transformer=build(name))
+        verdicts = [peer.check(pipe) or "acts" for peer in (block, attention)]
+        lines.append(f"| `{name}` | {verdicts[0]} | {verdicts[1]} | acts |")
+    return PEERS_HEADER + "\n".join(lines) + "\n"
+
+
 def render() -> str:
-    return HEADER + markdown(coverage())
+    return HEADER + markdown(coverage()) + peer_table()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -544,7 +544,7 @@ _add("MotifVideoTransformer3DModel",
     lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16), "encoder_attention_mask": torch.ones(b, 6)})
 _add("AuraFlowTransformer2DModel",
     lambda: diffusers.AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
-        num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
         caption_projection_dim=16, out_channels=4, pos_embed_max_size=16),
     lambda b, g: _randn(g, b, 4, 8, 8),
     lambda b, g: {"encoder_hidden_states": _randn(g, b, 6, 16)}, timestep_scale=1000.0)
