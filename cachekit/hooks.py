@@ -34,7 +34,7 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from .compat import CacheContextReceiver, existing_registry, hook_registry
+from .compat import CacheContextReceiver, eager_frame, existing_registry, hook_registry
 from .registry import ModelLayout, ModelSpec, resolve_layout
 from .schedule import ScheduleError
 from .state import CacheStats, CallRowKey, RowCache, StepRows, map_tensors, merge_rows, take_rows
@@ -814,7 +814,7 @@ class _FirstInputProbe(ModelHook):
 
 # ---------------------------------------------------------------------- under torch.compile
 # When dynamo traces into a cachekit hook (a compiled transformer, or a compiled block), the hook hands over to one of
-# the functions below. Their own frame is skipped (`disable(recursive=False)`), so dynamo breaks the graph there
+# the functions below. Their own frame is skipped (`compat.eager_frame`), so dynamo breaks the graph there
 # instead of tracing the bookkeeping (step indices, dicts keyed by request, per-row decisions), which would
 # specialise every graph on the step and recompile at each one. The bookkeeping helpers they call are disabled
 # entirely and run in eager Python; the module's own forward they call is compiled as its own frame, with the
@@ -826,7 +826,7 @@ def _eager(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-@torch.compiler.disable(recursive=False)
+@eager_frame
 def _row_forward_under_compile(hook: _RowCachingHook, args: tuple, kwargs: dict) -> Any:
     job = _eager(hook._plan, args, kwargs)
     kind = job[0]
@@ -849,7 +849,7 @@ def _row_forward_under_compile(hook: _RowCachingHook, args: tuple, kwargs: dict)
     return _eager(hook._merge_some, job, args, kwargs, computed)
 
 
-@torch.compiler.disable(recursive=False)
+@eager_frame
 def _tracked_forward_under_compile(hook: StepTrackerHook, args: tuple, kwargs: dict) -> Any:
     rows, token = _eager(hook._start, args, kwargs)
     try:
@@ -861,7 +861,7 @@ def _tracked_forward_under_compile(hook: StepTrackerHook, args: tuple, kwargs: d
     return output
 
 
-@torch.compiler.disable(recursive=False)
+@eager_frame
 def _feeder_forward_under_compile(hook: FeederSkipHook, args: tuple, kwargs: dict) -> Any:
     if _eager(hook.skips, args):
         return args[0]

@@ -25,7 +25,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import cachekit
-from tiny_models import TINY_MODELS, build, denoise
+from tiny_models import TINY_MODELS, Request, build, denoise, serve_together
 
 INDUCTOR_RTOL = 1e-5  # inductor's fused kernels vs the same ops split at the hooks: float rounding over a few steps,
 # relative to the output's largest magnitude (float32 epsilon is 1.2e-7)
@@ -98,8 +98,8 @@ def test_inductor_all_recompute_and_reuse_match_within_rounding(how):
     assert _gap(reference, eager_reference) <= INDUCTOR_RTOL
 
 
-@pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "FluxTransformer2DModel", "WanTransformer3DModel"])
-@pytest.mark.parametrize("mode", ["component", "block"])
+@pytest.mark.parametrize("name, mode", [("PixArtTransformer2DModel", "component"), ("PixArtTransformer2DModel", "block"),
+                                        ("FluxTransformer2DModel", "block"), ("WanTransformer3DModel", "component")])
 def test_reusing_schedule_under_compile_equals_eager(name, mode):
     tiny, model = TINY_MODELS[name], build(name)
     schedule = cachekit.Schedule.from_mask(model, _reuse_mask(model, 4, mode), mode=mode)
@@ -108,8 +108,8 @@ def test_reusing_schedule_under_compile_equals_eager(name, mode):
     assert torch.equal(_generate(model, tiny, schedule, 4, seed=1), eager)
 
 
-@pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "FluxTransformer2DModel", "WanTransformer3DModel"])
-@pytest.mark.parametrize("how", ["regional", "full"])
+@pytest.mark.parametrize("name, how", [("PixArtTransformer2DModel", "regional"), ("PixArtTransformer2DModel", "full"),
+                                       ("FluxTransformer2DModel", "regional"), ("WanTransformer3DModel", "full")])
 def test_compiles_are_bounded_independent_of_step_count(name, how):
     """The bound: a first generation compiles G graphs, G the same at 4 and at 8 steps and for an uncached, an
     all-recompute or a reusing plan of the same mode; every later generation at the same shapes compiles none."""
@@ -124,11 +124,32 @@ def test_compiles_are_bounded_independent_of_step_count(name, how):
         _generate(model, tiny, plan, steps)
         first[steps] = _graphs()
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for later in (steps, 3, 8):  # other step counts, the all-recompute schedule: nothing new to compile
-                _generate(model, tiny, plan, later, seed=later)
-            _generate(model, tiny, cachekit.Schedule.full(model, 5), 5)
+            _generate(model, tiny, plan, 12 - steps, seed=1)  # another step count and seed: nothing new to compile
+            _generate(model, tiny, cachekit.Schedule.full(model, 3), 3)  # nor for another plan of the same mode
         assert _graphs() == first[steps]
     assert first[4] == first[8] > 0
+
+
+def test_rows_at_different_steps_under_compile_equal_eager_and_stop_compiling():
+    """The runner's mixed batches: rows computing alone change the batch size; dynamo's automatic dynamic shapes
+    compile a piece at most twice (the first size, then a size-generic graph), so a second identical serving
+    compiles nothing."""
+    name = "PixArtTransformer2DModel"
+    tiny, model = TINY_MODELS[name], build(name)
+    plan = cachekit.resolve_plan("fora:interval=2,mode=component")
+    requests = [Request("a", 4, plan, seed=1), Request("b", 3, plan, seed=2, arrival=1),
+                Request("c", 2, None, seed=3, arrival=1)]
+    cachekit.enable(model, None)
+    eager = serve_together(model, tiny, requests)
+    cachekit.disable(model)
+    cachekit.compile(model, "regional", backend="aot_eager")
+    cachekit.enable(model, None)
+    compiled = serve_together(model, tiny, requests)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = serve_together(model, tiny, requests)
+    cachekit.disable(model)
+    for key in eager:
+        assert torch.equal(compiled[key], eager[key]) and torch.equal(again[key], eager[key])
 
 
 def test_enable_and_disable_on_a_compiled_model_and_through_torch_compile_wrapper():
