@@ -37,6 +37,7 @@ PIPELINE_TESTS: dict[str, str] = {
     "SD3Transformer2DModel": "StableDiffusion3Pipeline (tiny components)",
     "SanaTransformer2DModel": "SanaPipeline (tiny components)",
     "FluxTransformer2DModel": "FluxPipeline (tiny components)",
+    "AuraFlowTransformer2DModel": "AuraFlowPipeline (tiny components)",
 }
 """Classes tested through their stock pipeline's `__call__` as well, and which pipeline."""
 

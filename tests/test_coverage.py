@@ -15,7 +15,7 @@ import pytest
 import cachekit.coverage as cov
 from cachekit.cli import main
 from cachekit.registry import COVERAGE_SPECS, NOT_SUPPORTED, supported_models
-from tiny_models import CORE_MODELS, TINY_MODELS
+from tiny_models import CORE_MODELS, TINY_MODELS, tiny_auraflow_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def _stock_pipelines():
     import diffusers
 
     return [getattr(diffusers, name) for name in ("PixArtAlphaPipeline", "WanPipeline", "StableDiffusion3Pipeline",
-                                                  "SanaPipeline", "FluxPipeline")]
+                                                  "SanaPipeline", "FluxPipeline", "AuraFlowPipeline")]
 
 
 def test_docs_models_md_is_generated_from_the_registry(rows):
@@ -93,3 +93,32 @@ def test_every_entry_maps_to_a_cache_dit_forward_pattern():
                 ("hidden_states", "encoder_hidden_states")}
     for name in supported_models():
         assert {g.residual_outputs for g in spec_for(name).groups} <= patterns, name
+
+
+def test_a_coverage_family_through_its_stock_pipeline_call():
+    """AuraFlow through `AuraFlowPipeline.__call__` with CFG: steps are tracked from the stock call's timesteps
+    (nothing reused is bit-exact, FORA reuses), both branches ride in one batch, and the caches are freed."""
+    import torch
+
+    import cachekit
+
+    pipe = tiny_auraflow_pipeline()
+    batches = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: batches.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+
+    def call():
+        return pipe(prompt="a seven", negative_prompt="blurry", num_inference_steps=6, guidance_scale=3.0, height=16,
+                    width=16, max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+    reference = call()
+    with cachekit.cached(pipe.transformer, "fora:interval=1", scheduler=pipe.scheduler):
+        exact = call()
+    assert torch.equal(exact, reference)
+    with cachekit.cached(pipe.transformer, "fora:interval=2", scheduler=pipe.scheduler):
+        reused = call()
+        session = cachekit.sessions(pipe.transformer)[0]
+        assert session.stats.reused > 0 and session.cached_entries == 0  # freed after the last step
+    assert cachekit.sessions(pipe.transformer) == []
+    assert set(batches) == {2}  # cond and uncond rows in one forward: their cache rows are apart
+    assert torch.isfinite(reused).all() and not torch.equal(reused, reference)

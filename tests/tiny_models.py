@@ -707,3 +707,34 @@ _add("PriorTransformer",
                                         num_embeddings=7, additional_embeddings=4),
      lambda b, g: _randn(g, b, 8),
      lambda b, g: {"proj_embedding": _randn(g, b, 8), "encoder_hidden_states": _randn(g, b, 7, 8)}, scheduler=_dpm)
+
+
+def tiny_auraflow_pipeline():
+    """A stock AuraFlowPipeline from tiny configs: a one-layer UMT5 encoder over a word tokenizer, a one-joint-
+    two-single-block AuraFlow transformer on 8x8x4 latents, a two-stage VAE, flow-matching Euler. Its CFG is batched
+    (both branches in one forward), so the branches' rows are apart by construction."""
+    from diffusers import AuraFlowPipeline, AutoencoderKL
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from cachekit.zoo._text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
+                                     model_max_length=16)
+    torch.manual_seed(1)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False)).eval()
+    torch.manual_seed(0)
+    transformer = diffusers.AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16).eval()
+    torch.manual_seed(3)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16).eval()
+    pipe = diffusers.AuraFlowPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                      transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
