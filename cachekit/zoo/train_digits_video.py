@@ -216,8 +216,10 @@ def train_vae(vae, steps: int, batch_size: int, lr: float, seed: int, kl_weight:
     Whole 9-frame clips by default (1 + 4 + 4 frames): Wan's causal VAE encodes and decodes the second 4-frame chunk
     from the features it cached on the first, a third case besides the first frame and the first chunk. A VAE trained
     on 5-frame crops (1 + 4) never sees that case: it reconstructed frames 0-4 at 27-30 dB and frames 5-8 at
-    16-20 dB, and the digit of those frames was read right in only 33-76% of them. Shorter crops start at a seeded
-    frame, so every position of the motion is a first frame sometimes.
+    16-20 dB, and the digit of those frames was read right in only 33-76% of them. Fine-tuning that VAE 40 steps on
+    whole clips raised frames 5-8 to 23-25 dB and the digit reads of all frames from 76% to 86%; 40 steps on 5-frame
+    crops left them at 76%. Shorter crops start at a seeded frame, so every position of the motion is a first frame
+    sometimes.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -422,9 +424,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=60.0,
                    help="wall-clock budget for all stages together (0: none, the step counts alone stop the stages)")
-    p.add_argument("--vae-fraction", type=float, default=0.3, help="share of --minutes for the VAE")
+    p.add_argument("--vae-fraction", type=float, default=0.25, help="share of --minutes for the VAE")
     p.add_argument("--vae-steps", type=int, default=2000, help="upper bound; the budget usually stops it first")
-    p.add_argument("--vae-batch-size", type=int, default=12)
+    p.add_argument("--vae-batch-size", type=int, default=12,
+                   help="clips per VAE step (12 whole clips: about the frames of the former 16 five-frame crops)")
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-crop-frames", type=int, default=NUM_FRAMES,
                    help=f"frames per VAE training clip (4k+1; default {NUM_FRAMES}, the whole clip)")
