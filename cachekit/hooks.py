@@ -415,15 +415,6 @@ class CacheSession:
         """The rows of the forward in progress in this thread or task (None outside one)."""
         return self._rows.get()
 
-    @contextmanager
-    def narrowed(self, rows: StepRows) -> Iterator[None]:
-        """Inner hooks see `rows` (a subset computing on its own) for the duration of the block."""
-        token = self._rows.set(rows)
-        try:
-            yield
-        finally:
-            self._rows.reset(token)
-
     def begin(self, rows: StepRows) -> StepRows:
         """Start a forward: bind the rows to this session's request states, check their plans, drop stale caches."""
         rows = rows.for_forward(self.request_states)
