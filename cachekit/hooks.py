@@ -218,6 +218,9 @@ class CacheSession:
             f"cachekit.explicit_rows.{uid}", default=None)
         self._branch: contextvars.ContextVar[Hashable] = contextvars.ContextVar(f"cachekit.branch.{uid}",
                                                                               default=None)
+        # per thread or task: the steps of the last implicit forward per label and how often they repeated
+        self._call_log: contextvars.ContextVar[dict | None] = contextvars.ContextVar(f"cachekit.call_log.{uid}",
+                                                                                   default=None)
 
     @property
     def layout(self) -> ModelLayout:
@@ -265,6 +268,7 @@ class CacheSession:
         call_keys = [key for key in self.cached_keys() if isinstance(key, CallRowKey)]
         if call_keys:
             self.release(call_keys)
+        self._call_log.set(None)
 
     # -------------------------------------------------------------- plans per row
     def _compile(self, plan: Any, num_steps: int) -> _Compiled:
@@ -434,7 +438,7 @@ class CacheSession:
             self.release(finished)
 
     def fail(self, rows: StepRows) -> None:
-        """The forward raised. A pipeline call's rows are over: their caches are freed.
+        """The forward raised. A pipeline call is over: the caches of all its rows (every branch) are freed.
 
         Rows that the caller declared (`cachekit.rows`, the runner) stay theirs to retry or release. Their caches
         hold only values of finished computations (a retried step stores its values again, replacing them), and
@@ -442,7 +446,7 @@ class CacheSession:
         step decides and computes exactly as the failed forward would have.
         """
         if self._explicit.get() is None:
-            self.release(rows.keys)
+            self.end_call()
             return
         before = rows.scratch.get(_STATES_BEFORE)
         if before is not None:
@@ -471,7 +475,7 @@ class CacheSession:
 
     # -------------------------------------------------------------- working out the rows
     def resolve_rows(self, batch_size: int, timestep: Callable[[], Any], context: Any) -> StepRows:
-        """Per-row steps and keys for this forward, from explicit state first, never from call counts."""
+        """Per-row steps and keys for this forward, from explicit state first, never from counting calls."""
         explicit = self._explicit.get()
         if explicit is not None:
             if explicit.batch_size != batch_size:
@@ -484,10 +488,31 @@ class CacheSession:
             num_steps = getattr(context, "num_inference_steps", None)
             if num_steps is None:
                 num_steps = scheduler_timesteps(self.scheduler).numel()
+            label = self._branch_of_repeat(label, (int(step_index),))
             return StepRows.uniform(step_index, batch_size, int(num_steps), label)
         values = row_timesteps(timestep(), batch_size, self.spec.timestep_scale)
         steps, num_steps = match_steps(values, self.scheduler)
+        label = self._branch_of_repeat(label, tuple(torch.as_tensor(steps).reshape(-1).tolist()))
         return StepRows(steps, tuple(CallRowKey(label, i) for i in range(batch_size)), num_steps)
+
+    def _branch_of_repeat(self, label: Hashable, steps: tuple[int, ...]) -> Hashable:
+        """The branch of a forward whose caller named none beyond `label`: a repeat of the last call's steps is
+        another branch.
+
+        Some stock pipelines (Chroma, ChronoEdit, GLM-Image, Krea 2, ...) run CFG as two transformer calls per step
+        with neither batched rows nor a `cache_context` name. Both calls would get the same implicit keys and serve
+        each other's caches; the second call at the same step under the same label is keyed apart instead. The
+        step itself still comes from explicit state or the timestep, and a repeat for any other reason (a
+        second-order solver's second evaluation) only keeps a cache of its own, which is always safe.
+        """
+        log = self._call_log.get()
+        if log is None:
+            log = {}
+            self._call_log.set(log)
+        last = log.get(label)
+        repeat = last[1] + 1 if last is not None and last[0] == steps else 0
+        log[label] = (steps, repeat)
+        return label if repeat == 0 else (label, repeat)
 
 
 _UNCACHED = _Compiled(None, 1)

@@ -312,3 +312,17 @@ def _count_layer_norms(fn):
     with Count():
         out = fn()
     return out, Count.calls
+
+
+@pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "FluxTransformer2DModel"])
+def test_unlabelled_cfg_calls_keep_their_branches_apart(name):
+    """Two transformer calls per step with no branch named (Chroma's, Krea 2's stock loops) get caches of their own:
+    the result equals the same loop with each call labelled."""
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    full = cachekit.Schedule.full(model, NUM_STEPS, mode="component")
+    reuse = cachekit.Schedule.from_mask(model, _reuse_mask(full), mode="component")
+    labelled = _run(model, tiny, reuse, branches=("cond", "uncond"))
+    unlabelled = _run(model, tiny, reuse, branches=("cond", "uncond"), label_branches=False)
+    assert torch.equal(unlabelled, labelled)
+    assert not torch.equal(labelled, _run(model, tiny, branches=("cond", "uncond")))

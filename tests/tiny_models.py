@@ -163,11 +163,13 @@ def denoise(
     on_step: Callable[[int], None] | None = None,
     scheduler=None,
     on_call: Callable[[int, str], None] | None = None,
+    label_branches: bool = True,
 ) -> torch.Tensor:
     """Run a full multi-step denoising loop and return the final latents.
 
     With `branches`, the transformer is called once per branch label inside `cache_context(label)`, combining the
     predictions as CFG does (`uncond + 2 * (cond - uncond)`); the branches get different conditioning.
+    `label_branches=False` makes the two calls without naming them, as some stock pipelines do.
     """
     gen = torch.Generator().manual_seed(seed)
     latents = tiny.latents(batch, gen)
@@ -181,7 +183,7 @@ def denoise(
             for label, cond in conds.items():
                 if on_call is not None:
                     on_call(i, label)
-                if branches:
+                if branches and label_branches:
                     # diffusers' own per-branch label where the model has it (FLUX, Wan), cachekit's otherwise
                     labelled = model.cache_context if hasattr(model, "cache_context") else partial(cachekit.branch, model)
                     with labelled(label):
