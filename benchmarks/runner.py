@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -91,20 +92,24 @@ def serve_trace(runner: Runner, prompts: list[str], seeds: list[int], arrivals: 
 
 
 def stream_fps(runner: Runner, frames: list, repeats: int, **options) -> tuple[float, object]:
-    """Output frames per second of one stream fed as fast as it takes frames (each pushed once taken in)."""
+    """Output frames per second of one stream fed as fast as it takes frames (each pushed once taken in).
+
+    The outputs are read as they come, by a second thread, as a client does: a stream keeps only its newest
+    unread outputs (`OUTBOX_FRAMES`), so reading them all at the end would lose the oldest.
+    """
+    total = repeats * len(frames)
     with runner.open_stream("a handwritten 8", **options) as stream:
+        reader = threading.Thread(target=lambda: [stream.get(timeout=120) for _ in range(total)], daemon=True)
         started = time.perf_counter()
-        count = 0
+        reader.start()
         for _ in range(repeats):
             for frame in frames:
                 before = stream.taken
                 stream.push(frame)
                 while stream.taken == before:
                     time.sleep(0.0005)
-                count += 1
-        for _ in range(count):
-            stream.get(timeout=120)
-        return count / (time.perf_counter() - started), stream
+        reader.join()
+        return total / (time.perf_counter() - started), stream
 
 
 def max_difference(images: list, reference: list) -> int:
