@@ -18,7 +18,7 @@ import contextlib
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -51,7 +51,35 @@ def _decode_frame(data: bytes, limits: ServerLimits, size: tuple[int, int]) -> A
     return image if image.size == (width, height) else image.resize((width, height), Image.BILINEAR)
 
 
-def _is_close(text: str) -> bool:
+async def refuse(socket: WebSocket, message: str) -> None:
+    """A stream that cannot open: one error message, then close with 1008 (policy violation)."""
+    with contextlib.suppress(Exception):
+        await socket.send_json({"type": "error", "message": message, "retryable": False})
+        await socket.close(1008)
+
+
+@contextlib.asynccontextmanager
+async def serving(stream: Any, send_frames: Any, open_streams: dict, metrics: Any) -> AsyncIterator[asyncio.Future]:
+    """An open stream's lifetime on a socket, for image and video streams alike: counted among the open streams,
+    its frames sent by a task (yielded, for a caller that waits on it), and on the way out (a disconnect included)
+    the stream closed, freeing its state in the runner, and the sender stopped."""
+    open_streams["count"] += 1
+    metrics.ws_open.inc()
+    sender = asyncio.ensure_future(send_frames)
+    try:
+        yield sender
+    except WebSocketDisconnect:
+        pass
+    finally:
+        stream.close()
+        sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender
+        open_streams["count"] -= 1
+        metrics.ws_open.dec()
+
+
+def is_close(text: str) -> bool:
     """`{"type": "close"}`: the client is done sending and wants the stream closed cleanly."""
     try:
         message = json.loads(text)
@@ -94,20 +122,15 @@ def add_stream_route(app: FastAPI, served: Any, limits: ServerLimits, metrics: A
             kwargs["similarity_filter"] = True if options.get("similarity_filter") else None
             stream = runner.open_stream(prompt, **kwargs)
         except (UsageError, ValueError, TypeError, KeyError) as err:
-            with contextlib.suppress(Exception):
-                await socket.send_json({"type": "error", "message": str(err), "retryable": False})
-                await socket.close(1008)
+            await refuse(socket, str(err))
             return
         except (asyncio.TimeoutError, WebSocketDisconnect):
             with contextlib.suppress(Exception):
                 await socket.close(1008)
             return
 
-        open_streams["count"] += 1
-        metrics.ws_open.inc()
         size = (stream.settings["height"], stream.settings["width"])
-        sender = asyncio.ensure_future(_send_frames(socket, stream, metrics))
-        try:
+        async with serving(stream, _send_frames(socket, stream, metrics), open_streams, metrics):
             await socket.send_json({"type": "ready", "stream_id": stream.id, "height": size[0], "width": size[1],
                                     "max_frames_per_s": limits.max_frames_per_s})
             rate = limits.max_frames_per_s
@@ -119,7 +142,7 @@ def add_stream_route(app: FastAPI, served: Any, limits: ServerLimits, metrics: A
                     break
                 data = message.get("bytes")
                 if data is None:
-                    if _is_close(message.get("text") or ""):
+                    if is_close(message.get("text") or ""):
                         break
                     await socket.send_json({"type": "error", "message": "send frames as binary messages",
                                             "retryable": False})
@@ -144,15 +167,6 @@ def add_stream_route(app: FastAPI, served: Any, limits: ServerLimits, metrics: A
                     continue
                 metrics.ws_frames.labels("in").inc()
                 stream.push(image)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            stream.close()
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
-            open_streams["count"] -= 1
-            metrics.ws_open.dec()
 
 
 async def next_output(stream: Any) -> Any:

@@ -29,7 +29,7 @@ from cachekit.errors import UsageError
 from .errors import ApiError, validation_message
 from .limits import ServerLimits
 from .schemas import video_request_model
-from .stream_socket import next_output, png_bytes
+from .stream_socket import is_close, next_output, png_bytes, refuse, serving
 from .videos import refuse_unless_video, video_stream_kwargs
 
 __all__ = ["add_video_stream_route"]
@@ -68,49 +68,33 @@ def add_video_stream_route(app: FastAPI, served: Any, limits: ServerLimits, metr
                                               **video_stream_kwargs(body, limits))
         except ValidationError as err:
             message, _ = validation_message(err.errors())
-            await _refuse(socket, message)
+            await refuse(socket, message)
             return
         except ApiError as err:
-            await _refuse(socket, err.message)
+            await refuse(socket, err.message)
             return
         except (UsageError, ValueError, TypeError) as err:
-            await _refuse(socket, str(err))
+            await refuse(socket, str(err))
             return
         except (asyncio.TimeoutError, WebSocketDisconnect):
             with contextlib.suppress(Exception):
                 await socket.close(1008)
             return
 
-        open_streams["count"] += 1
-        metrics.ws_open.inc()
-        sender = asyncio.ensure_future(_send_frames(socket, stream, metrics))
         try:
-            await socket.send_json({"type": "ready", "stream_id": stream.id, "height": stream.settings["height"],
-                                    "width": stream.settings["width"], "steps": stream.steps,
-                                    "window": stream.window, "lag": stream.lag, "plan": stream.plan_label,
-                                    "num_frames": num_frames})
-            receiver = asyncio.ensure_future(_until_closed(socket))
-            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            receiver.cancel()
-            with contextlib.suppress(BaseException):
-                await receiver
-        except WebSocketDisconnect:
-            pass
+            async with serving(stream, _send_frames(socket, stream, metrics), open_streams, metrics) as sender:
+                await socket.send_json({"type": "ready", "stream_id": stream.id,
+                                        "height": stream.settings["height"], "width": stream.settings["width"],
+                                        "steps": stream.steps, "window": stream.window, "lag": stream.lag,
+                                        "plan": stream.plan_label, "num_frames": num_frames})
+                receiver = asyncio.ensure_future(_until_closed(socket))
+                await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                receiver.cancel()
+                with contextlib.suppress(BaseException):
+                    await receiver
         finally:
-            stream.close()
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
-            open_streams["count"] -= 1
-            metrics.ws_open.dec()
             with contextlib.suppress(Exception):
                 await socket.close(1000)
-
-
-async def _refuse(socket: WebSocket, message: str) -> None:
-    with contextlib.suppress(Exception):
-        await socket.send_json({"type": "error", "message": message, "retryable": False})
-        await socket.close(1008)
 
 
 async def _until_closed(socket: WebSocket) -> None:
@@ -119,12 +103,8 @@ async def _until_closed(socket: WebSocket) -> None:
         message = await socket.receive()
         if message["type"] == "websocket.disconnect":
             return
-        text = message.get("text")
-        if text:
-            with contextlib.suppress(ValueError):
-                body = json.loads(text)
-                if isinstance(body, dict) and body.get("type") == "close":
-                    return
+        if is_close(message.get("text") or ""):
+            return
 
 
 async def _send_frames(socket: WebSocket, stream: Any, metrics: Any) -> None:
