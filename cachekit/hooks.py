@@ -132,9 +132,8 @@ class _Compiled:
             self.keep, self.keep_table = keep, keep.tolist()
 
     def keeps(self, rows: StepRows, block: int, component: int) -> bool:
-        """Whether the value computed for `rows` here is read at a later step of any of them."""
-        if self.plan is None:
-            return False  # uncached rows never read a cache
+        """Whether the value computed for `rows` here is read at a later step of any of them (asked only for rows
+        of this plan's mode, so never for uncached rows)."""
         if self.keep is None:
             return True
         if rows.uniform_step is not None:

@@ -177,51 +177,6 @@ def resolve_layout(transformer: nn.Module, mode: str = "component") -> ModelLayo
 _SINGLE_STREAM = ("hidden_states",)
 _JOINT_STREAM = ("encoder_hidden_states", "hidden_states")
 
-for _spec in (
-    ModelSpec(
-        "PixArtTransformer2DModel",
-        # ada_norm_single blocks: norm1 -> modulation -> attn1; attn2 reads the residual stream; norm2 -> ff
-        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",),
-                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",)))),),
-    ),
-    ModelSpec(
-        "DiTTransformer2DModel",
-        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",)),),
-    ),
-    ModelSpec(
-        "SanaTransformer2DModel",
-        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",),
-                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",)))),),
-    ),
-    ModelSpec(
-        "FluxTransformer2DModel",
-        (
-            BlockGroupSpec("transformer_blocks", ("attn", "ff", "ff_context"), _JOINT_STREAM),
-            BlockGroupSpec("single_transformer_blocks", ("attn", "proj_mlp"), _JOINT_STREAM),
-        ),
-        timestep_scale=1000.0,
-    ),
-    ModelSpec(
-        "SD3Transformer2DModel",
-        (BlockGroupSpec("transformer_blocks", ("attn", "attn2", "ff", "ff_context"), _JOINT_STREAM),),
-    ),
-    ModelSpec(
-        "WanTransformer3DModel",
-        (BlockGroupSpec("blocks", ("attn1", "attn2", "ffn"), cross_attention=("attn2",),
-                        feeders=(("attn1", ("norm1",)), ("attn2", ("norm2",)), ("ffn", ("norm3",)))),),
-    ),
-    ModelSpec(
-        "CogVideoXTransformer3DModel",
-        (BlockGroupSpec("transformer_blocks", ("attn1", "ff"), ("hidden_states", "encoder_hidden_states")),),
-    ),
-):
-    register_model(_spec)
-
-
-# ------------------------------------------------------------------------------------------------ model coverage
-# The families beyond the seven above (issue 15). Each entry is data read off the diffusers block's forward: which
-# sub-modules it gates into its residual stream, and which of its arguments each element of its output updates.
-# `cachekit models` and docs/models.md list every transformer class of the installed diffusers against these.
 _FLUX_DOUBLE = ("attn", "ff", "ff_context")
 _FLUX_SINGLE = ("attn", "proj_mlp")
 _HIDDEN_FIRST = ("hidden_states", "encoder_hidden_states")
@@ -250,6 +205,40 @@ def _cross_dit(name: str, attr: str = "transformer_blocks") -> ModelSpec:
     return ModelSpec(name, (BlockGroupSpec(attr, _CROSS_DIT, cross_attention=("attn2",)),))
 
 
+for _spec in (
+    ModelSpec(
+        "PixArtTransformer2DModel",
+        # ada_norm_single blocks: norm1 -> modulation -> attn1; attn2 reads the residual stream; norm2 -> ff
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",),
+                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",)))),),
+    ),
+    ModelSpec(
+        "DiTTransformer2DModel",
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",)),),
+    ),
+    ModelSpec(
+        "SanaTransformer2DModel",
+        (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",),
+                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",)))),),
+    ),
+    _flux_like("FluxTransformer2DModel", timestep_scale=1000.0),
+    ModelSpec(
+        "SD3Transformer2DModel",
+        (BlockGroupSpec("transformer_blocks", ("attn", "attn2", "ff", "ff_context"), _JOINT_STREAM),),
+    ),
+    _wan_like("WanTransformer3DModel", feeders=True),
+    ModelSpec(
+        "CogVideoXTransformer3DModel",
+        (BlockGroupSpec("transformer_blocks", ("attn1", "ff"), ("hidden_states", "encoder_hidden_states")),),
+    ),
+):
+    register_model(_spec)
+
+
+# ------------------------------------------------------------------------------------------------ model coverage
+# The families beyond the seven above (issue 15). Each entry is data read off the diffusers block's forward: which
+# sub-modules it gates into its residual stream, and which of its arguments each element of its output updates.
+# `cachekit models` and docs/models.md list every transformer class of the installed diffusers against these.
 COVERAGE_SPECS: tuple[ModelSpec, ...] = (
     # double + single stream (FLUX family and its descendants)
     _flux_like("ChromaTransformer2DModel", ("hidden_states",), timestep_scale=1000.0),
