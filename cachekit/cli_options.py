@@ -62,7 +62,9 @@ __all__ = [
     "device",
     "plan_spec",
     "schedule_file",
-    "check_plan_steps",
+    "DEFAULT_STEPS",
+    "steps_for_plan",
+    "step_counts",
     "input_file",
     "check_input_file",
     "output_file",
@@ -241,6 +243,20 @@ STEPS_RANGE = (2, 1000)
 finite_float = _named(number(-math.inf, math.inf), "number")
 """An argparse type: any finite number (NaN and inf refused)."""
 STEPS = integer(*STEPS_RANGE, why="denoising steps; samplers such as PixArt's DPM-Solver need at least 2")
+
+
+def step_counts(text: str) -> tuple[int, ...]:
+    """An argparse type: one step count or several, comma-separated (`6,8,10,12,16,20`), sorted, each 2..1000."""
+    parts = [p for p in str(text).replace(" ", "").split(",")]
+    if not parts or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"step counts separated by commas, e.g. 6,8,10,20: got {text!r}")
+    try:
+        counts = sorted({STEPS(p) for p in parts})
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"step counts separated by commas, e.g. 6,8,10,20: each {err}") from None
+    return tuple(counts)
+
+
 NUM_IMAGES = integer(1, 256)
 NUM_PROMPTS = integer(1, 1_000_000)
 POPULATION = integer(4, 4096, multiple_of=4, why="NSGA-II's tournament takes individuals in fours")
@@ -286,14 +302,26 @@ def plan_spec(text: str) -> str:
     return text
 
 
-def check_plan_steps(spec: str, num_steps: int) -> None:
-    """Before a model loads: a schedule named by `spec` must be for `num_steps` steps (`ScheduleError` otherwise)."""
+DEFAULT_STEPS = 20
+"""Denoising steps when neither --steps nor the schedule names a count."""
+
+
+def steps_for_plan(spec: str | None, num_steps: int | None) -> int:
+    """Before a model loads: the step count a call under `spec` runs.
+
+    A schedule file records its step count (a joint search's front points run 6, 8, ... steps), so without --steps
+    a schedule runs its own; an explicit --steps must match it (`ScheduleError` otherwise). Policies and no plan
+    run --steps, by default `DEFAULT_STEPS`.
+    """
     from .plans import resolve_plan
     from .schedule import Schedule
 
-    plan = resolve_plan(spec)
+    plan = resolve_plan(spec) if spec is not None else None
     if isinstance(plan, Schedule):
+        if num_steps is None:
+            return plan.num_steps
         plan.check_steps(num_steps)
+    return DEFAULT_STEPS if num_steps is None else num_steps
 
 
 def schedule_file(text: str) -> str:

@@ -218,7 +218,11 @@ class Schedule:
             dict(enumerate(source.tolist())),
         )
         provenance = {"method": "transfer", "from_steps": self.num_steps, "source": self.provenance}
-        return replace(self, recompute=mask, provenance=provenance, predicted_cost=None, measured=None)
+        forecast = None if self.forecast is None else self.forecast[source] & ~mask
+        if forecast is not None and not bool(forecast.any()):
+            forecast = None
+        return replace(self, recompute=mask, provenance=provenance, predicted_cost=None, measured=None,
+                       forecast=forecast, forecast_order=self.forecast_order if forecast is not None else 0)
 
     # ------------------------------------------------------------------ statistics
     def compute_fraction(self, weights: torch.Tensor | None = None) -> float:

@@ -217,7 +217,10 @@ def process_for(args: argparse.Namespace) -> Any:
 
 
 def _plan_names(specs: list[str], num_steps: int) -> dict[str, str]:
-    """Report name -> spec, checked before any model loads: names unique, 'uncached' reserved, step counts fit."""
+    """Report name -> spec, checked before any model loads: names unique, 'uncached' reserved, files readable.
+
+    A schedule runs its own step count (a joint search's 8-step point beside 20-step ones), judged against the
+    uncached model at `num_steps`."""
     from cachekit.plans import plan_label
 
     from .runner import UNCACHED
@@ -230,7 +233,7 @@ def _plan_names(specs: list[str], num_steps: int) -> dict[str, str]:
                 raise UsageError(f"'{UNCACHED}' is reserved for the uncached model; rename {spec}")
             if name in names:
                 raise UsageError(f"two plans are both named {name!r} ({names[name]} and {spec}); rename one")
-            opts.check_plan_steps(spec, num_steps)
+            opts.steps_for_plan(spec, None)  # a schedule file that cannot be read fails here
         names[name] = spec
     return names
 

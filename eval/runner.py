@@ -142,7 +142,8 @@ def evaluate(
         schedules: name -> `cachekit.Schedule`, runtime policy, `Variant` (its own pipeline, e.g. a peer cache on a
             transformer copy), or None (None is the uncached model, always evaluated, under the name "uncached").
         prompts: a `PromptSet` or plain prompts; prompt i always uses seed `base_seed + i`.
-        num_steps: denoising steps for every configuration.
+        num_steps: denoising steps of the uncached reference and of every configuration but schedules (which run
+            their own step count) and `Variant`s with their own.
         metrics: metric names ("fid,kid,clip,psnr,ssim,lpips,imagereward"), a `MetricConfig`, or a `MetricFactory`
             built beforehand (so missing weights fail before a large model is loaded, and the reference features
             are computed once for several evaluations).
@@ -289,9 +290,14 @@ def _applied(target: Any, plan: Any, setup: Callable[[], ContextManager[Any]] | 
 
 
 def _target(pipe: Any, plan: Any, num_steps: int) -> tuple[Any, Any, int]:
-    """(pipeline, plan applied on it, steps) of one configuration: a `Variant` brings its own pipeline and steps."""
+    """(pipeline, plan applied on it, steps) of one configuration: a `Variant` brings its own pipeline and steps, a
+    schedule its own step count (judged, like every configuration, against the uncached model at `num_steps`)."""
+    from cachekit import Schedule
+
     if isinstance(plan, Variant):
         return plan.pipe, plan.plan, plan.num_steps or num_steps
+    if isinstance(plan, Schedule):
+        return pipe, plan, plan.num_steps
     return pipe, plan, num_steps
 
 

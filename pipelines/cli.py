@@ -74,9 +74,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipeline = pipeline_class_name(args.model)  # the model's kind from its model_index.json, before it loads
     out = _checked_out(args, makes_video(pipeline), pipeline) if pipeline is not None else None
     prompts = tuple(args.prompt) * args.num_images  # one row of the grid per round of prompts
+    args.steps = opts.steps_for_plan(args.schedule, args.steps)
     call = PipelineCall(prompts, args.steps, opts.pipeline_settings(args),
                         seeds=tuple(args.seed + i for i in range(len(prompts))), output_type="pt")
-    opts.check_plan_steps(args.schedule, args.steps)
     pipe = load_checked(args.model, call, device=args.device)
     video = makes_video(pipe)
     if out is None or pipeline != type(pipe).__name__:  # its model_index.json did not tell, or told otherwise
@@ -141,7 +141,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="one or more prompts (default 'a handwritten 7')")
     gen.add_argument("--num-images", type=opts.integer(1, 256), default=1,
                      help="images (clips, for a video model) per prompt, 1..256 (default 1)")
-    opts.add_steps(gen)
+    opts.add_steps(gen, default=None, help="denoising steps (default: the schedule file's own step count, else 20)")
     opts.add_guidance_scale(gen)
     opts.add_seed(gen, help="seed of the first image; image i uses seed + i")
     opts.add_out(gen, default=None,

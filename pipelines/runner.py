@@ -194,7 +194,7 @@ class Runner:
         prompt: str,
         *,
         seed: int = 0,
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str = "",
         schedule: Any = None,
@@ -207,12 +207,16 @@ class Runner:
         """Queue one image; returns at once with a handle (`result`, `cancel`, `await`, `events`).
 
         `schedule` is anything `cachekit.enable` takes (a shipped name, a policy spec, a file, a Schedule, None).
+        Without `num_inference_steps` a schedule runs the step count it records (its search chose it), anything
+        else 20.
         `deadline_s` is seconds from now; with `allow_degrade` a request that would miss it is served by a faster
         plan from the runner's tiers. `on_step(step, latents)` runs after each of its steps on the runner's thread;
         if it raises, this request fails alone. Raises `UsageError` on a bad argument, `QueueFull` when the queue is
         full, with nothing queued.
         """
         _check_prompt_and_seed(prompt, negative_prompt, seed)
+        if num_inference_steps is None:
+            num_inference_steps = self._steps_of(schedule)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
                 or not 2 <= num_inference_steps <= 1000:
             raise UsageError(f"num_inference_steps must be an integer from 2 to 1000, got {num_inference_steps!r}")
@@ -308,9 +312,10 @@ class Runner:
         return {**self.family.call_settings(self._default_settings), "prompt": "a", "num_inference_steps": 2}
 
     @staticmethod
-    def _steps_of(plan: Any) -> int:
+    def _steps_of(plan: Any, default: int = 20) -> int:
+        """The steps a plan runs: a schedule's own count, anything else `default`."""
         resolved = resolve_plan(plan)
-        return resolved.num_steps if isinstance(resolved, Schedule) else 20
+        return resolved.num_steps if isinstance(resolved, Schedule) else default
 
     def _resolve(self, schedule: Any, num_steps: int) -> Any:
         try:
@@ -377,21 +382,21 @@ class Runner:
         rows = request.num_rows
         chosen = None
         for tier, tier_cost in zip(self.tiers, self._tier_costs):
-            if self._steps_of(tier) != request.num_inference_steps:
-                continue
-            cost = request.num_inference_steps * rows * tier_cost
+            steps = self._steps_of(tier, request.num_inference_steps)  # a tier schedule runs its own step count
+            cost = steps * rows * tier_cost
             if cost >= request.cost:
                 continue
-            chosen = (tier, cost)
+            chosen = (tier, cost, steps)
             finish = self._predicted_finish(request, now, cost)
             if finish <= request.deadline:
                 break
         if chosen is None:
             return
-        tier, cost = chosen
+        tier, cost, steps = chosen
         request.plan = resolve_plan(tier)
         request.plan_label = plan_label(tier)
         request.cost = cost
+        request.num_inference_steps = steps
         request.degraded = True
 
     # ------------------------------------------------------------------ cancelling

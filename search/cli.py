@@ -115,8 +115,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .run import search_pipeline
     from .wallclock import WallClockModel
 
+    step_counts = tuple(args.steps)
+    args.steps = args.reference_steps if args.reference_steps is not None else max(step_counts)
+    joint = step_counts != (args.steps,)
     config = SearchConfig(population=args.population, generations=args.generations, seed=args.search_seed,
-                          quality_floor=args.quality_floor, forecast_order=args.forecast_order)
+                          quality_floor=args.quality_floor, forecast_order=args.forecast_order,
+                          step_counts=step_counts if joint else ())
     if args.cost == "latency" and args.no_dp and args.calibration is None:
         raise UsageError("--cost latency needs a calibration's latency table: drop --no-dp or give --calibration")
     if args.wallclock is not None and args.cost != "wallclock":
@@ -140,7 +144,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     call = _call(args, prompts)
     dist = process_for(args)
     pipe = _pipeline(args, call, dist.device)
-    if calibration is None and not args.no_dp:
+    if calibration is None and not args.no_dp and args.steps in (step_counts if joint else (args.steps,)):
         calibration_file = out / "calibration.pt"
         if args.resume and calibration_file.exists():
             calibration = _load_calibration(str(calibration_file))
@@ -191,10 +195,23 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_args(parser: argparse.ArgumentParser, num_prompts: int) -> None:
-    """Model, prompts, seeds and pipeline settings, shared by `calibrate` and `search` so both run the same calls."""
+def _add_run_args(parser: argparse.ArgumentParser, num_prompts: int, joint_steps: bool = False) -> None:
+    """Model, prompts, seeds and pipeline settings, shared by `calibrate` and `search` so both run the same calls.
+
+    With `joint_steps`, `--steps` takes several step counts (the search's step-count gene) and `--reference-steps`
+    the count candidates are judged against.
+    """
     opts.add_model_options(parser)
-    opts.add_steps(parser, help="denoising steps the schedule will run")
+    if joint_steps:
+        parser.add_argument("--steps", type=opts.step_counts, default=(20,), metavar="N[,N...]",
+                            help="denoising steps the schedules will run: one count, or several comma-separated "
+                                 "(e.g. 6,8,10,12,16,20) to search the step count together with the cache; each "
+                                 "2..1000 (default 20)")
+        parser.add_argument("--reference-steps", type=opts.STEPS, default=None, metavar="N",
+                            help="step count of the uncached images every candidate is judged against and the "
+                                 "costs are relative to (default: the largest of --steps)")
+    else:
+        opts.add_steps(parser, help="denoising steps the schedule will run")
     opts.add_prompts(parser, num=num_prompts, prompt_seed=1, count_alias=True,
                      seed_help="seed choosing the prompts (unlike evaluation's 0, so they differ)")
     opts.add_seed(parser)
@@ -286,11 +303,14 @@ def add_parser(subparsers: Any) -> None:
             "predicted MAC ratio, the calibration's per-unit latency (--cost latency), or the whole call's "
             "wall-clock time from a model fitted to timed probe calls (--cost wallclock). Under `accelerate launch "
             "-m cachekit search ...` the candidates of each generation are spread over the processes. "
+            "With several --steps (e.g. --steps 6,8,10,12,16,20) the step count is a gene too: every candidate "
+            "runs its own step count and is judged against the uncached model at --reference-steps, and the front "
+            "is drawn against uniform step-skipping. "
             "Writes OUT/front.json, one schedule file per front point (named by predicted speedup), front.png, "
             "summary.md and a checkpoint every generation (continue a killed run with --resume)."
         ),
     )
-    _add_run_args(search, num_prompts=8)
+    _add_run_args(search, num_prompts=8, joint_steps=True)
     search.add_argument("--population", type=opts.POPULATION, default=24,
                         help="individuals per generation, a multiple of 4 from 4 to 4096 (default 24)")
     search.add_argument("--generations", type=opts.GENERATIONS, default=10,

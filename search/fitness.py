@@ -9,7 +9,11 @@ The genetic search asks one thing: for these schedules, how good and how expensi
 
 Cost is the predicted transformer MAC ratio (`macs`), the latency predicted from a calibration's per-unit table
 (`latency`), or the whole pipeline call's seconds predicted by a model fitted to timed calls (`wallclock`, see
-`wallclock.py`), each as a fraction of the uncached model.
+`wallclock.py`), each as a fraction of the uncached model at the reference step count.
+
+A candidate may run another step count than the reference (the joint search): it is then called at its own step
+count and judged against the uncached images at the reference count, and its cost counts its steps (a 6-step
+schedule that reuses nothing costs 6/20 of the transformer's work at 20 steps).
 
 A CLIP constraint (`clip_tolerance`) marks a schedule infeasible when its CLIP score falls more than the tolerance
 below the uncached model's on the same prompts; NSGA-II then ranks it below every feasible schedule (its quality
@@ -89,7 +93,8 @@ class PipelineEvaluator:
     """Evaluates schedules in-process with the model resident, all calibration prompts in one batched call.
 
     Args:
-        pipe, prompts, num_steps, call_kwargs: the pipeline call every candidate is judged by.
+        pipe, prompts, num_steps, call_kwargs: the pipeline call every candidate is judged by; `num_steps` is the
+            reference step count (the uncached images), a candidate runs its own schedule's step count.
         seed: noise seed of the first prompt; prompt i uses `seed + i`.
         quality: one of `QUALITIES`.
         cost: one of `COSTS`; `latency` needs `latency_table`, `wallclock` needs `set_wallclock` before evaluating.
@@ -126,8 +131,7 @@ class PipelineEvaluator:
         self.num_steps = num_steps
         self.seed = seed
         self.call_kwargs = call_kwargs
-        self._call = PipelineCall(tuple(self.prompts), num_steps, call_kwargs,
-                                  tuple(seed + i for i in range(len(self.prompts))))
+        self._calls: dict[int, PipelineCall] = {}
         self.quality = quality
         self.cost_kind = cost
         self.quality_name = QUALITIES[quality]
@@ -159,11 +163,17 @@ class PipelineEvaluator:
         if schedule is None:
             return self.call()
         with self.apply(schedule):
-            return self.call()
+            return self.call(schedule.num_steps)
 
-    def call(self) -> torch.Tensor:
-        """The pipeline call candidates are judged by, with whatever cache is enabled on the pipeline."""
-        return to_uint8(self._call(self.pipe))
+    def call(self, num_steps: int | None = None) -> torch.Tensor:
+        """The pipeline call candidates are judged by (at `num_steps`, default the reference), with whatever cache
+        is enabled on the pipeline."""
+        num_steps = self.num_steps if num_steps is None else int(num_steps)
+        call = self._calls.get(num_steps)
+        if call is None:
+            call = self._calls[num_steps] = PipelineCall(tuple(self.prompts), num_steps, self.call_kwargs,
+                                                         tuple(self.seed + i for i in range(len(self.prompts))))
+        return to_uint8(call(self.pipe))
 
     def apply(self, schedule: Schedule) -> Any:
         """A context with `schedule` enabled on the pipeline."""
@@ -187,10 +197,12 @@ class PipelineEvaluator:
         return float(self._image_reward.compute())
 
     def cost(self, schedule: Schedule) -> float:
+        """Cost against the uncached model at the reference step count (fewer steps cost proportionally less)."""
+        steps_share = schedule.num_steps / self.num_steps
         if self.cost_kind == "macs":
-            return self.profile.predict(schedule)
+            return self.profile.predict(schedule) * steps_share
         if self.cost_kind == "latency":
-            return latency_ratio(schedule, *self.latency_table)
+            return latency_ratio(schedule, *self.latency_table) * steps_share
         if self.wallclock is None:
             raise RuntimeError("wallclock cost needs a fitted model: call set_wallclock(fit_wallclock(...)) first")
         return self.wallclock.ratio(schedule, self.profile)

@@ -1,9 +1,10 @@
 """NSGA-II search over cache schedules with DEAP (ECAD's approach, seeded so it needs far fewer evaluations).
 
-The genome is the schedule's recompute mask, one gene per (step, block, component) that exists, step 0 excluded
-(it always computes), in the template's mode: component (ECAD: attention and feed-forward outputs) or block (whole
+The genome (`genome.py`) is the schedule's recompute mask, one gene per (step, block, component) that exists, step 0
+excluded (it always computes), in the template's mode: component (ECAD: attention and feed-forward outputs) or block (whole
 block residuals). Optional forecast genes, one per step, choose TaylorSeer extrapolation of that step's reused
-outputs. Two objectives: maximise quality (fidelity to the uncached model, or CLIP / ImageReward) and minimise cost
+outputs. With `SearchConfig.step_counts` the step count is a gene too (a joint search: fewer steps against more
+reuse), every candidate still judged against the uncached model at the template's step count. Two objectives: maximise quality (fidelity to the uncached model, or CLIP / ImageReward) and minimise cost
 (predicted MAC, latency or wall-clock ratio). Beside DEAP's uniform crossover and bit flips, mutations act on the
 structures that matter in a DiT: a whole step, a block over a range of steps, a component type over a range of
 steps, forecasting over a range of steps. Schedules the evaluator marks infeasible (a CLIP constraint) rank below
@@ -45,6 +46,7 @@ from cachekit.io import atomic_write, save_figure, write_text
 from cachekit.schedule import Schedule
 
 from .fitness import Evaluator
+from .genome import Genome, JointGenome, make_genome
 
 __all__ = [
     "CHECKPOINT",
@@ -52,6 +54,8 @@ __all__ = [
     "CheckpointError",
     "SearchConfig",
     "Genome",
+    "JointGenome",
+    "make_genome",
     "SearchResult",
     "check_resume",
     "read_checkpoint",
@@ -87,6 +91,8 @@ class SearchConfig:
     quality_floor: hypervolume reference quality (cost reference is 1.0, the uncached model).
     forecast_order: 0 for plain reuse; k > 0 adds one gene per step choosing order-k extrapolation (TaylorSeer) of
         that step's reused outputs.
+    step_counts: step counts the search may choose among (a step-count gene beside the cache genes, see
+        `JointGenome`); empty: only the template's. Candidates are judged against the template's step count.
     """
 
     population: int = 24
@@ -97,111 +103,18 @@ class SearchConfig:
     seed: int = 0
     quality_floor: float = 15.0
     forecast_order: int = 0
+    step_counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "step_counts", tuple(sorted(set(int(k) for k in self.step_counts))))
+        if any(k < 2 for k in self.step_counts):
+            raise ValueError(f"step counts must be at least 2, got {list(self.step_counts)}")
         if self.population < 4 or self.population % 4:
             raise ValueError(f"population must be a positive multiple of 4, got {self.population}")
         if self.generations < 0:
             raise ValueError("generations must be >= 0")
         if self.forecast_order < 0:
             raise ValueError("forecast_order must be >= 0")
-
-
-class Genome:
-    """Maps schedules to flat gene lists and back, for one template (model layout, step count, mode).
-
-    Genes are one per (step, block, component) that exists, step 0 excluded, then, with `forecast_order > 0`, one
-    per step from 1 on: whether that step's reused entries are extrapolated (TaylorSeer, `forecast_order`) from the
-    last computed ones instead of reused as they are. The template's mode (component or block) is the genome's.
-    """
-
-    def __init__(self, template: Schedule, forecast_order: int = 0) -> None:
-        if forecast_order < 0:
-            raise ValueError(f"forecast_order must be >= 0, got {forecast_order}")
-        self.template = template
-        self.forecast_order = forecast_order
-        steps = torch.arange(template.num_steps)[:, None, None].expand_as(template.recompute)
-        self.slots = (template.present.unsqueeze(0).expand_as(template.recompute) & (steps > 0)).nonzero()
-        self.num_mask_genes = len(self.slots)
-        self.num_forecast_genes = template.num_steps - 1 if forecast_order else 0
-        self.size = self.num_mask_genes + self.num_forecast_genes
-        self.step_of = self.slots[:, 0].tolist() + list(range(1, 1 + self.num_forecast_genes))
-        self.block_of = self.slots[:, 1].tolist() + [-1] * self.num_forecast_genes
-        self.component_of = self.slots[:, 2].tolist() + [-1] * self.num_forecast_genes
-
-    def encode(self, schedule: Schedule) -> list[int]:
-        mask = schedule.recompute
-        genes = [int(v) for v in mask[self.slots[:, 0], self.slots[:, 1], self.slots[:, 2]].tolist()]
-        if self.num_forecast_genes:
-            forecast = schedule.forecast
-            per_step = forecast.flatten(1).any(1) if forecast is not None else torch.zeros(schedule.num_steps, dtype=torch.bool)
-            genes += [int(v) for v in per_step[1:].tolist()]
-        return genes
-
-    def decode(self, genes: Sequence[int], provenance: dict[str, Any] | None = None) -> Schedule:
-        genes = list(genes)
-        mask = torch.ones_like(self.template.recompute)
-        mask[self.slots[:, 0], self.slots[:, 1], self.slots[:, 2]] = torch.tensor(
-            genes[: self.num_mask_genes], dtype=torch.bool
-        )
-        recompute = mask | ~self.template.present.unsqueeze(0)
-        schedule = replace(
-            self.template,
-            recompute=recompute,
-            provenance=provenance or {"method": "search"},
-            predicted_cost=None,
-            measured=None,
-        )
-        if self.num_forecast_genes:
-            forecast_steps = torch.tensor([False] + [bool(g) for g in genes[self.num_mask_genes :]])
-            forecast = ~recompute & self.template.present.unsqueeze(0) & forecast_steps[:, None, None]
-            if bool(forecast.any()):
-                schedule = replace(schedule, forecast=forecast, forecast_order=self.forecast_order)
-        return schedule
-
-    # ---------------------------------------------------------------- structured mutations
-    def mutations(self) -> list[Callable[[list[int]], None]]:
-        """The structured mutations that make sense for this layout (component types only when there are several)."""
-        ops = [self.mutate_step, self.mutate_block]
-        if len(self.template.components) > 1:
-            ops.append(self.mutate_component)
-        if self.num_forecast_genes:
-            ops.append(self.mutate_forecast)
-        return ops
-
-    def _set(self, genes: list[int], where: Callable[[int], bool], value: int) -> None:
-        for i in range(self.num_mask_genes):
-            if where(i):
-                genes[i] = value
-
-    def _step_range(self) -> tuple[int, int]:
-        if self.template.num_steps <= 2:
-            return 1, 2
-        lo, hi = sorted(random.sample(range(1, self.template.num_steps + 1), 2))
-        return lo, hi
-
-    def mutate_step(self, genes: list[int]) -> None:
-        step = random.randrange(1, self.template.num_steps)
-        self._set(genes, lambda i: self.step_of[i] == step, random.randint(0, 1))
-
-    def mutate_block(self, genes: list[int]) -> None:
-        block = random.randrange(self.template.num_blocks)
-        lo, hi = self._step_range()
-        self._set(genes, lambda i: self.block_of[i] == block and lo <= self.step_of[i] < hi, random.randint(0, 1))
-
-    def mutate_component(self, genes: list[int]) -> None:
-        component = random.randrange(len(self.template.components))
-        lo, hi = self._step_range()
-        self._set(genes, lambda i: self.component_of[i] == component and lo <= self.step_of[i] < hi,
-                  random.randint(0, 1))
-
-    def mutate_forecast(self, genes: list[int]) -> None:
-        """Switch extrapolation on or off for a range of steps."""
-        lo, hi = self._step_range()
-        value = random.randint(0, 1)
-        for i in range(self.num_mask_genes, self.size):
-            if lo <= self.step_of[i] < hi:
-                genes[i] = value
 
 
 def hypervolume(points: Sequence[tuple[float, float]], quality_floor: float) -> float:
@@ -290,7 +203,7 @@ def run_settings(
     quality and cost names) and then the caller's `settings` (model, prompts, noise seed, pipeline call, ...) are
     added; a caller's key replaces a derived one of the same name.
     """
-    genome = Genome(template, forecast_order=config.forecast_order)
+    genome = make_genome(template, config.forecast_order, config.step_counts)
     derived: dict[str, Any] = {
         "model_class": template.model_class,
         "mode": template.mode,
@@ -301,6 +214,8 @@ def run_settings(
         "genome_size": genome.size,
     }
     for name, value in asdict(config).items():
+        if name == "step_counts" and not value:
+            continue  # recorded only when searched, so checkpoints from before the joint search still resume
         if name != "generations":
             derived["search_seed" if name == "seed" else name] = value
     derived["seeds"] = {name: _digest(genome.encode(schedule)) for name, schedule in seeds.items()}
@@ -508,17 +423,16 @@ def run_search(
     and `resume=True` refuses a checkpoint made with other settings (`CheckpointError`). Without a checkpoint in
     `out_dir`, `resume=True` starts from scratch.
     """
-    genome = Genome(template, forecast_order=config.forecast_order)
+    genome = make_genome(template, config.forecast_order, config.step_counts)
     structured = genome.mutations()
     for name, schedule in seeds.items():
-        if schedule.recompute.shape != template.recompute.shape or schedule.components != template.components:
+        if not genome.fits(schedule):
             raise ValueError(f"seed {name!r} does not fit the search template (model, steps or mode differ)")
     recorded = run_settings(template, config, seeds, settings,
                             {"quality": evaluator.quality_name, "cost": evaluator.cost_name})
 
     toolbox = base.Toolbox()
     toolbox.register("mate", tools.cxUniform, indpb=0.5)
-    toolbox.register("flip", tools.mutFlipBit, indpb=max(1.0 / genome.size, 0.02))
     toolbox.register("select", tools.selNSGA2)
 
     checkpoint_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
@@ -562,7 +476,8 @@ def run_search(
         if random.random() < config.structured_prob:
             random.choice(structured)(ind)
         else:
-            toolbox.flip(ind)
+            genome.flip(ind)
+        genome.canonicalize(ind)
 
     def save(generation: int) -> None:
         if not checkpoint_path or not is_main:
@@ -606,6 +521,8 @@ def run_search(
         for a, b in zip(offspring[::2], offspring[1::2]):
             if random.random() < config.crossover_prob:
                 toolbox.mate(a, b)
+                genome.canonicalize(a)
+                genome.canonicalize(b)
         for ind in offspring:
             if random.random() < config.mutation_prob:
                 mutate(ind)
@@ -624,12 +541,13 @@ def run_search(
             unique_front.setdefault(_key(ind), ind)
     front = [
         {"quality": ind.fitness.values[0], "cost": ind.fitness.values[1], "origin": ind.origin, "genes": list(ind),
+         "num_steps": genome.decode(ind).num_steps,
          **{k: v for k, v in extras.get(_key(ind), {}).items() if k != "feasible"}}
         for ind in unique_front.values()
     ]
     seed_points = [
         {"name": name, "quality": cache[_key(genome.encode(s))][0], "cost": cache[_key(genome.encode(s))][1],
-         **extras.get(_key(genome.encode(s)), {})}
+         "num_steps": s.num_steps, **extras.get(_key(genome.encode(s)), {})}
         for name, s in seeds.items()
         if _key(genome.encode(s)) in cache
     ]
@@ -654,7 +572,7 @@ def _individual(genes: Sequence[int], origin: str, cache: dict[bytes, tuple[floa
 
 def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.PathLike) -> list[str]:
     """front.json, one schedule file per front point (named by predicted speedup), front.png and summary.md."""
-    genome = Genome(template, forecast_order=result.config.get("forecast_order", 0))
+    genome = make_genome(template, result.config.get("forecast_order", 0), result.config.get("step_counts", ()))
     os.makedirs(out_dir, exist_ok=True)
     files = []
     for i, point in enumerate(result.front):
@@ -667,7 +585,8 @@ def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.Pa
         schedule.predicted_cost = {result.objectives["cost"]: round(point["cost"], 6)}
         schedule.measured = {result.objectives["quality"]: round(point["quality"], 4),
                              **({"clip_score": point["clip_score"]} if "clip_score" in point else {})}
-        name = f"front_{i:02d}_x{speedup:.2f}.json"
+        joint = len(genome.step_counts) > 1
+        name = f"front_{i:02d}_{schedule.num_steps}steps_x{speedup:.2f}.json" if joint else f"front_{i:02d}_x{speedup:.2f}.json"
         schedule.save(os.path.join(out_dir, name))
         point["file"] = name
         point["predicted_speedup"] = speedup
@@ -696,10 +615,26 @@ def _plot_front(result: SearchResult, path: str) -> None:
     fig, (ax, ax_hv) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [1 / p["cost"] for p in result.front]
     ys = [p["quality"] for p in result.front]
-    ax.plot(xs, ys, "o-", color="tab:red", label="searched front")
+    ax.plot(xs, ys, "-", color="tab:red", label="searched front")
+    joint = len({p.get("num_steps") for p in result.front} | {s.get("num_steps") for s in result.seeds}) > 1
+    if joint:  # the step count of each front point, and uniform step-skipping (the uncached model at fewer steps)
+        points = ax.scatter(xs, ys, c=[p["num_steps"] for p in result.front], cmap="viridis", zorder=3)
+        fig.colorbar(points, ax=ax, label="denoising steps")
+        uniform = sorted((1 / s["cost"], s["quality"], s["num_steps"]) for s in result.seeds
+                         if s["name"].startswith("steps-"))
+        if uniform:
+            ax.plot([u[0] for u in uniform], [u[1] for u in uniform], "s--", color="tab:blue",
+                    label="uniform step-skipping (uncached)")
+            for x, y, k in uniform:
+                ax.annotate(f"{k}", (x, y), fontsize=7, color="tab:blue")
+    else:
+        ax.scatter(xs, ys, color="tab:red", zorder=3)
     for seed in result.seeds:
+        if joint and seed["name"].startswith("steps-"):
+            continue
         ax.scatter(1 / seed["cost"], seed["quality"], marker="x", color="tab:gray")
-        ax.annotate(seed["name"], (1 / seed["cost"], seed["quality"]), fontsize=7, color="tab:gray")
+        if not joint:
+            ax.annotate(seed["name"], (1 / seed["cost"], seed["quality"]), fontsize=7, color="tab:gray")
     ax.set_xlabel(f"predicted speedup (1 / {result.objectives['cost']})")
     ax.set_ylabel(result.objectives["quality"])
     ax.set_title("front against its seeds (x)")
@@ -722,11 +657,24 @@ def _write_summary(result: SearchResult, path: str) -> None:
         f"Judged on: `{json.dumps(result.evaluator)}`." if result.evaluator else "",
         f"Evaluations: {result.evaluations}. Config: `{json.dumps(result.config)}`.",
         "",
-        "| file | predicted speedup | cost | quality | origin |",
-        "|---|---|---|---|---|",
+        "| file | steps | predicted speedup | cost | quality | origin |",
+        "|---|---|---|---|---|---|",
     ]
     for p in result.front:
-        lines.append(f"| {p.get('file', '')} | {1 / p['cost']:.2f}x | {p['cost']:.3f} | {p['quality']:.2f} | {p['origin']} |")
+        lines.append(f"| {p.get('file', '')} | {p.get('num_steps', '')} | {1 / p['cost']:.2f}x | {p['cost']:.3f} | "
+                     f"{p['quality']:.2f} | {p['origin']} |")
+    uniform = sorted((s for s in result.seeds if s["name"].startswith("steps-")), key=lambda s: s["cost"])
+    if uniform:
+        lines += ["", "Against uniform step-skipping (the uncached model at fewer steps): the best front point at "
+                  "least as fast as each.", "",
+                  "| uniform steps | speedup | quality | best front point as fast | its speedup | its quality |",
+                  "|---|---|---|---|---|---|"]
+        for seed in uniform:
+            faster = [p for p in result.front if p["cost"] <= seed["cost"]]
+            best = max(faster, key=lambda p: p["quality"]) if faster else None
+            shown = (f"{best.get('file', '')} ({best.get('num_steps', '')} steps) | {1 / best['cost']:.2f}x | "
+                     f"{best['quality']:.2f}") if best else "none | - | -"
+            lines.append(f"| {seed['num_steps']} | {1 / seed['cost']:.2f}x | {seed['quality']:.2f} | {shown} |")
     lines += ["", "| generation | evaluations | front size | hypervolume |", "|---|---|---|---|"]
     for h in result.history:
         lines.append(f"| {h['generation']} | {h['evaluations']} | {h['front_size']} | {h['hypervolume']:.4g} |")

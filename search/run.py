@@ -3,6 +3,10 @@
 ECAD needed about 72 x 550 candidate evaluations from random starts. Here the first population already holds the
 well-known heuristics (FORA at several intervals, Delta-DiT, TGATE) and DP solutions at several budgets, solved in
 seconds from one calibration run, so the search starts on a good front and spends its evaluations improving it.
+
+A joint search (`SearchConfig.step_counts`) seeds every step count it may choose: the uncached model at that count
+(uniform step-skipping, the baseline a cache must beat) and the heuristics at that count; the DP seeds stay at the
+reference count, the one calibrated.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ from .fitness import PipelineEvaluator
 from .genetic import SearchConfig, SearchResult, check_resume, run_search, run_settings, write_outputs
 from .wallclock import WallClockModel, fit_wallclock, probe_schedules
 
-__all__ = ["heuristic_seeds", "dp_seeds", "search_pipeline"]
+__all__ = ["heuristic_seeds", "dp_seeds", "joint_seeds", "search_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,18 @@ def dp_seeds(calibration: Any, budgets: Sequence[float]) -> dict[str, Schedule]:
     return seeds
 
 
+def joint_seeds(transformer: torch.nn.Module, template: Schedule, config: SearchConfig) -> dict[str, Schedule]:
+    """Seeds of a joint search: at each step count, the uncached model (`steps-K`) and the heuristics (`NAME@K`)."""
+    seeds: dict[str, Schedule] = {}
+    for count in config.step_counts:
+        seeds[f"steps-{count}"] = replace(template, recompute=torch.ones(count, *template.recompute.shape[1:],
+                                                                        dtype=torch.bool),
+                                          provenance={"method": "uniform-steps", "num_steps": count})
+        for name, schedule in heuristic_seeds(transformer, count, template.mode, config.forecast_order).items():
+            seeds[f"{name}@{count}"] = schedule
+    return seeds
+
+
 WALLCLOCK_FILE = "wallclock.json"
 
 
@@ -116,8 +133,9 @@ def search_pipeline(
         raise ValueError(f"the calibration is in {calibration.mode} mode but the search is in {mode} mode; "
                          f"calibrate with --mode {mode}")
     template = Schedule.full(transformer, num_steps, mode=mode, scheduler=type(pipe.scheduler).__name__)
-    seeds = heuristic_seeds(transformer, num_steps, mode, config.forecast_order)
-    if calibration is not None:
+    seeds = joint_seeds(transformer, template, config) if config.step_counts else \
+        heuristic_seeds(transformer, num_steps, mode, config.forecast_order)
+    if calibration is not None and (not config.step_counts or num_steps in config.step_counts):
         seeds.update(dp_seeds(calibration, dp_budgets))
     latency = calibration.unit_costs("latency") if cost == "latency" and calibration is not None else None
     settings: dict[str, Any] = {
@@ -176,7 +194,7 @@ def _wallclock_model(
         model = WallClockModel.load(path)
     if model is None:
         if dist.is_main:
-            probes = probe_schedules(template, config.forecast_order, seed=config.seed)
+            probes = probe_schedules(template, config.forecast_order, seed=config.seed, step_counts=config.step_counts)
             model = fit_wallclock(evaluator.call, evaluator.apply, probes, evaluator.profile,
                                   batch_size=len(evaluator.prompts), device=evaluator.device, progress=progress)
             logger.info("wall-clock model: %s, leave-one-out error %.1f%%", model.coefficients,

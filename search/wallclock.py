@@ -16,10 +16,16 @@ time is divided by the stock call's in the same round, and the median over round
 down or speeds up for a while (a shared or virtualised CPU does, by tens of percent) shifts both and cancels out.
 Hook overhead counts against a schedule: the all-recompute schedule costs more than 1. The fit's leave-one-out error
 is recorded beside it.
+
+The features count steps rather than shares of them, so one model prices schedules of several step counts (the joint
+search): the intercept is what a call pays whatever its step count (text encoder, VAE), the rest grows with the
+steps computed. A joint search adds probes at each of its step counts, so the fit sees the step count vary; the
+model then prices the step counts between the least and the most probed one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -82,6 +88,8 @@ class WallClockModel:
     uncached_seconds: float
     probes: list[dict[str, Any]] = field(default_factory=list)
     loo_relative_error: float | None = None
+    step_counts: list[int] = field(default_factory=list)
+    """Step counts probed beside `num_steps` (the reference, in whose stock call the ratios are): the range priced."""
 
     def ratio(self, schedule: Schedule, profile: MacProfile) -> float:
         """Predicted time as a fraction of the stock pipeline's (1 / predicted wall-clock speedup)."""
@@ -93,9 +101,12 @@ class WallClockModel:
         return self.ratio(schedule, profile) * self.uncached_seconds
 
     def _check(self, schedule: Schedule) -> None:
-        if (schedule.model_class, schedule.mode, schedule.num_steps) != (self.model_class, self.mode, self.num_steps):
+        counts = [self.num_steps, *self.step_counts]
+        priced = min(counts) <= schedule.num_steps <= max(counts)
+        if (schedule.model_class, schedule.mode) != (self.model_class, self.mode) or not priced:
+            steps = f"{self.num_steps} steps" if not self.step_counts else f"{min(counts)}-{max(counts)} steps"
             raise ValueError(
-                f"wall-clock model is for {self.model_class} ({self.mode} mode, {self.num_steps} steps), schedule is "
+                f"wall-clock model is for {self.model_class} ({self.mode} mode, {steps}), schedule is "
                 f"{schedule.model_class} ({schedule.mode} mode, {schedule.num_steps} steps)"
             )
 
@@ -112,8 +123,11 @@ class WallClockModel:
         return cls(**data)
 
 
-def probe_schedules(template: Schedule, forecast_order: int = 0, seed: int = 0) -> dict[str, Schedule]:
-    """Schedules spanning the feature space: all / nothing reused, regular intervals, partial and random masks."""
+def probe_schedules(
+    template: Schedule, forecast_order: int = 0, seed: int = 0, step_counts: tuple[int, ...] = ()
+) -> dict[str, Schedule]:
+    """Schedules spanning the feature space: all / nothing reused, regular intervals, partial and random masks; with
+    `step_counts`, also nothing reused and every other step at each of those counts."""
     steps = template.num_steps
     present = template.present.unsqueeze(0).expand_as(template.recompute)
     step_index = torch.arange(steps)[:, None, None].expand_as(template.recompute)
@@ -138,6 +152,14 @@ def probe_schedules(template: Schedule, forecast_order: int = 0, seed: int = 0) 
     if forecast_order:
         for name in ("every-2", "every-3", "every-5", "random-0.3"):
             probes[f"{name}+forecast"] = probes[name].with_forecast(forecast_order)
+    for count in sorted(set(step_counts) - {steps}):
+        full = replace(template, recompute=torch.ones(count, *template.recompute.shape[1:], dtype=torch.bool),
+                       provenance={"method": "probe", "name": f"full@{count}"}, forecast=None, forecast_order=0,
+                       predicted_cost=None, measured=None)
+        probes[f"full@{count}"] = full
+        if count >= 4:
+            probes[f"every-2@{count}"] = replace(probes["every-2"].resample(count),
+                                                 provenance={"method": "probe", "name": f"every-2@{count}"})
     return probes
 
 
@@ -147,7 +169,7 @@ def _fit(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
 
 
 def fit_wallclock(
-    call: Callable[[], Any],
+    call: Callable[[int], Any],
     apply: Callable[[Schedule], ContextManager[Any]],
     probes: dict[str, Schedule],
     profile: MacProfile,
@@ -157,15 +179,17 @@ def fit_wallclock(
     repeats: int = 5,
     progress: bool = True,
 ) -> WallClockModel:
-    """Time `call()` on the stock pipeline and under `apply(probe)` for each probe, round-robin, and fit the model.
+    """Time `call(steps)` on the stock pipeline and under `apply(probe)` for each probe, round-robin, and fit.
 
-    `call` must be the very call the search evaluates candidates with (same prompts, batch, step count); `apply`
+    `call(num_steps)` must be the very call the search evaluates candidates with (same prompts, batch) at that step
+    count; the first probe's step count is the reference, the stock call the ratios are taken against. `apply`
     enables a schedule on its pipeline (`cachekit.cached`), outside the timed region, as a deployment does once.
     """
     if len(probes) < len(FEATURES) + 1:
         raise ValueError(f"need at least {len(FEATURES) + 1} probe schedules to fit {len(FEATURES)} coefficients")
     first = next(iter(probes.values()))
-    calls = {name: call for name in (UNCACHED, *probes)}
+    calls = {UNCACHED: functools.partial(call, first.num_steps),
+             **{name: functools.partial(call, probe.num_steps) for name, probe in probes.items()}}
     setups = {name: (lambda s: lambda: apply(s))(schedule) for name, schedule in probes.items()}
     stats = measure_interleaved(calls, batch_size=batch_size, num_steps=first.num_steps, repeats=repeats,
                                 device=device, progress=progress, setups=setups)
@@ -193,4 +217,5 @@ def fit_wallclock(
             for i, n in enumerate(names)
         ],
         loo_relative_error=float(np.mean(loo)),
+        step_counts=sorted({p.num_steps for p in probes.values()} - {first.num_steps}),
     )

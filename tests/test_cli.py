@@ -150,3 +150,6 @@ def test_a_schedule_file_is_one_of_the_plans_generate_takes(tmp_path, capsys):
     out = tmp_path / "x.png"
     assert main(["generate", "--schedule", str(schedule), "--steps", "4", "--out", str(out)]) == 0
     assert "fora, reused 50%" in capsys.readouterr().out and out.is_file()
+    # without --steps, a schedule runs the step count it records
+    assert main(["generate", "--schedule", str(schedule), "--out", str(tmp_path / "own.png")]) == 0
+    assert "4 steps" in capsys.readouterr().out

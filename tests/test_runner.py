@@ -36,7 +36,11 @@ def runner():
         yield runner
 
 
-def solo(pipe, prompt, seed=0, steps=20, guidance=4.0, plan=None, negative=""):
+def solo(pipe, prompt, seed=0, steps=None, guidance=4.0, plan=None, negative=""):
+    """The request as one plain pipeline call; without `steps`, a schedule's own step count (as the runner)."""
+    if steps is None:
+        resolved = cachekit.resolve_plan(plan)
+        steps = resolved.num_steps if isinstance(resolved, cachekit.Schedule) else 20
     kwargs = {"guidance_scale": guidance}
     if negative:
         kwargs["negative_prompt"] = negative
@@ -200,6 +204,20 @@ def test_tiering_picks_a_faster_plan_only_when_allowed_and_says_so(runner, solo_
         <= PIXEL_TOLERANCE
     assert max_pixel_difference(strict_image, degraded_image) > 0
     assert runner.stats()["degraded"] >= 1
+
+
+def test_a_schedule_runs_the_step_count_it_records(runner, solo_pipe):
+    from cachekit.policies import FORAConfig, fora_schedule
+
+    schedule = fora_schedule(runner.pipe.transformer, 6, FORAConfig(interval=2, mode="block"))
+    handle = runner.submit("a handwritten 2", seed=1, schedule=schedule)  # no num_inference_steps
+    image = handle.result(timeout=120)
+    assert handle.info.num_inference_steps == 6 and handle.info.steps_computed == 6
+    assert max_pixel_difference(image, solo(solo_pipe, "a handwritten 2", 1, steps=6, plan=schedule)) \
+        <= PIXEL_TOLERANCE
+    plain = runner.submit("a handwritten 2", seed=1)
+    plain.result(timeout=120)
+    assert plain.info.num_inference_steps == 20  # no schedule: the default
 
 
 def test_a_cfg_request_needs_two_rows():

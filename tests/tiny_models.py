@@ -319,9 +319,9 @@ class TinyLoopEvaluator:
         scheduler = self.tiny.scheduler()
         if schedule is None:
             latents = denoise(self.model, self.tiny, self.num_steps, scheduler=scheduler)
-        else:
+        else:  # at the schedule's own step count (a joint search's candidates), judged against num_steps
             with cachekit.cached(self.model, schedule, scheduler=scheduler):
-                latents = denoise(self.model, self.tiny, self.num_steps, scheduler=scheduler)
+                latents = denoise(self.model, self.tiny, schedule.num_steps, scheduler=scheduler)
         flat = latents.flatten(1)[:, : 3 * 16].reshape(latents.shape[0], 3, 4, 4)  # any layout, as a tiny image
         return ((flat.clamp(-3, 3) + 3) / 6 * 255).round().to(torch.uint8)
 
@@ -333,7 +333,8 @@ class TinyLoopEvaluator:
             if self.fail_after is not None and self.calls >= self.fail_after:
                 raise KeyboardInterrupt("killed mid-generation")
             self.calls += 1
-            out.append(Fitness(capped_psnr(self._images(schedule), self.reference), self.profile.predict(schedule)))
+            cost = self.profile.predict(schedule) * schedule.num_steps / self.num_steps
+            out.append(Fitness(capped_psnr(self._images(schedule), self.reference), cost))
         return out
 
 

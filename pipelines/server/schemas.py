@@ -59,7 +59,9 @@ def generation_request_model(limits: ServerLimits) -> type[BaseModel]:
         "model": (str | None, Field(None, description="The served model's id (GET /v1/models); optional.")),
         "user": (str | None, Field(None, max_length=256, description="Accepted for OpenAI compatibility.")),
         "seed": (int, Field(0, ge=0, le=2**63 - 1, description="Seed of the first image.")),
-        "num_inference_steps": (int, Field(20, ge=2, le=limits.max_steps)),
+        "num_inference_steps": (int | None, Field(None, ge=2, le=limits.max_steps,
+                                                  description="Default: the cache schedule's own step count (a "
+                                                              "schedule records it), else 20.")),
         "guidance_scale": (float | None, Field(None, ge=0.0, le=100.0, description="Default: the model's.")),
         "negative_prompt": (str, Field("", max_length=limits.max_prompt_chars)),
         "cache": (str, Field("none", max_length=200,
