@@ -630,8 +630,8 @@ def _plot_front(result: SearchResult, path: str) -> None:
     else:
         ax.scatter(xs, ys, color="tab:red", zorder=3)
     for seed in result.seeds:
-        if joint and seed["name"].startswith("steps-"):
-            continue
+        if (joint and seed["name"].startswith("steps-")) or not seed.get("feasible", True):
+            continue  # infeasible seeds (below the CLIP constraint) have no quality to draw
         ax.scatter(1 / seed["cost"], seed["quality"], marker="x", color="tab:gray")
         if not joint:
             ax.annotate(seed["name"], (1 / seed["cost"], seed["quality"]), fontsize=7, color="tab:gray")
