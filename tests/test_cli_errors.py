@@ -137,7 +137,7 @@ def test_unknown_plans_and_prompt_sets(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ numbers
 @pytest.mark.parametrize("argv, expected", [
     (["calibrate", "--steps", "1"], "--steps: must be at least 2"),
-    (["search", "--steps", "1"], "--steps: must be at least 2"),
+    (["search", "--steps", "1"], "--steps: step counts separated by commas, e.g. 6,8,10,20: each must be at least 2"),
     (["eval", "--steps", "0"], "--steps: must be at least 2"),
     (["eval", "--steps", "-1"], "--steps: must be at least 2"),
     (["generate", "--steps", "1000000000"], "--steps: must be at most 1000"),
