@@ -144,7 +144,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     call = _call(args, prompts)
     dist = process_for(args)
     pipe = _pipeline(args, call, dist.device)
-    if calibration is None and not args.no_dp and args.steps in (step_counts if joint else (args.steps,)):
+    if calibration is None and not args.no_dp and args.steps in step_counts:  # DP seeds at the reference only
         calibration_file = out / "calibration.pt"
         if args.resume and calibration_file.exists():
             calibration = _load_calibration(str(calibration_file))

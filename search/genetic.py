@@ -32,8 +32,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -574,6 +574,7 @@ def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.Pa
     """front.json, one schedule file per front point (named by predicted speedup), front.png and summary.md."""
     genome = make_genome(template, result.config.get("forecast_order", 0), result.config.get("step_counts", ()))
     os.makedirs(out_dir, exist_ok=True)
+    joint = len(genome.step_counts) > 1
     files = []
     for i, point in enumerate(result.front):
         speedup = 1.0 / point["cost"] if point["cost"] > 0 else math.inf
@@ -585,7 +586,6 @@ def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.Pa
         schedule.predicted_cost = {result.objectives["cost"]: round(point["cost"], 6)}
         schedule.measured = {result.objectives["quality"]: round(point["quality"], 4),
                              **({"clip_score": point["clip_score"]} if "clip_score" in point else {})}
-        joint = len(genome.step_counts) > 1
         name = f"front_{i:02d}_{schedule.num_steps}steps_x{speedup:.2f}.json" if joint else f"front_{i:02d}_x{speedup:.2f}.json"
         schedule.save(os.path.join(out_dir, name))
         point["file"] = name

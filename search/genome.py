@@ -19,7 +19,7 @@ from deap import tools
 
 from cachekit.schedule import Schedule
 
-__all__ = ["Genome", "JointGenome", "make_genome"]
+__all__ = ["Genome", "JointGenome", "make_genome", "template_at"]
 
 
 class Genome:
@@ -153,7 +153,7 @@ class JointGenome:
         self.template = template
         self.forecast_order = forecast_order
         self.step_counts = counts
-        self.parts = [Genome(_template_at(template, k), forecast_order) for k in counts]
+        self.parts = [Genome(template_at(template, k), forecast_order) for k in counts]
         self.num_step_genes = len(counts) - 1
         self.offsets = []
         offset = self.num_step_genes
@@ -247,7 +247,7 @@ class JointGenome:
         genes[self._span(new_index)] = self.parts[new_index].encode(carried)
 
 
-def _template_at(template: Schedule, num_steps: int) -> Schedule:
+def template_at(template: Schedule, num_steps: int) -> Schedule:
     """The all-recompute template of the same model and mode at another step count."""
     if num_steps == template.num_steps:
         return template
@@ -262,5 +262,5 @@ def make_genome(template: Schedule, forecast_order: int = 0, step_counts: Sequen
     """
     counts = sorted(set(step_counts)) or [template.num_steps]
     if len(counts) == 1:
-        return Genome(_template_at(template, counts[0]), forecast_order)
+        return Genome(template_at(template, counts[0]), forecast_order)
     return JointGenome(template, counts, forecast_order)

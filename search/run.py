@@ -24,6 +24,7 @@ from cachekit.policies import DeltaDiTConfig, FORAConfig, TGATEConfig, delta_dit
 from cachekit.schedule import Schedule
 
 from .fitness import PipelineEvaluator
+from .genome import template_at
 from .genetic import SearchConfig, SearchResult, check_resume, run_search, run_settings, write_outputs
 from .wallclock import WallClockModel, fit_wallclock, probe_schedules
 
@@ -84,8 +85,7 @@ def joint_seeds(transformer: torch.nn.Module, template: Schedule, config: Search
     """Seeds of a joint search: at each step count, the uncached model (`steps-K`) and the heuristics (`NAME@K`)."""
     seeds: dict[str, Schedule] = {}
     for count in config.step_counts:
-        seeds[f"steps-{count}"] = replace(template, recompute=torch.ones(count, *template.recompute.shape[1:],
-                                                                        dtype=torch.bool),
+        seeds[f"steps-{count}"] = replace(template_at(template, count),
                                           provenance={"method": "uniform-steps", "num_steps": count})
         for name, schedule in heuristic_seeds(transformer, count, template.mode, config.forecast_order).items():
             seeds[f"{name}@{count}"] = schedule

@@ -40,6 +40,8 @@ from cachekit.io import atomic_write
 from cachekit.eval.latency import measure_interleaved
 from cachekit.schedule import Schedule
 
+from .genome import template_at
+
 __all__ = ["FEATURES", "WallClockModel", "fit_wallclock", "probe_schedules"]
 
 FEATURES = ("intercept", "compute", "touched", "forecast")
@@ -153,10 +155,8 @@ def probe_schedules(
         for name in ("every-2", "every-3", "every-5", "random-0.3"):
             probes[f"{name}+forecast"] = probes[name].with_forecast(forecast_order)
     for count in sorted(set(step_counts) - {steps}):
-        full = replace(template, recompute=torch.ones(count, *template.recompute.shape[1:], dtype=torch.bool),
-                       provenance={"method": "probe", "name": f"full@{count}"}, forecast=None, forecast_order=0,
-                       predicted_cost=None, measured=None)
-        probes[f"full@{count}"] = full
+        probes[f"full@{count}"] = replace(template_at(template, count),
+                                          provenance={"method": "probe", "name": f"full@{count}"})
         if count >= 4:
             probes[f"every-2@{count}"] = replace(probes["every-2"].resample(count),
                                                  provenance={"method": "probe", "name": f"every-2@{count}"})
