@@ -39,6 +39,23 @@ def _cmd_schedule_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schedule_list(args: argparse.Namespace) -> int:
+    from .zoo import shipped_schedule_rows
+
+    def shown(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = shipped_schedule_rows()
+    width = max(len(row["id"]) for row in rows)
+    print(f"{'name':<{width}}  {'model':<24}  steps  held-out speedup  PSNR dB   KID")
+    for row in rows:
+        print(f"{row['id']:<{width}}  {row['model_class']:<24}  {row['num_inference_steps']:>5}  "
+              f"{shown(row['speedup'], '.2f') + 'x':>16}  {shown(row['psnr'], '.1f'):>7}  {shown(row['kid'], '.4f'):>6}")
+    print("speedup: wall clock against the uncached model at the model's default steps (`cachekit schedule show "
+          "NAME` for how it was measured)")
+    return 0
+
+
 def _cmd_schedule_resample(args: argparse.Namespace) -> int:
     from .schedule import Schedule
 
@@ -64,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the predicted cost and a step-by-block map.")
     show.add_argument("file", type=opts.schedule_file, help="schedule JSON file, or a shipped schedule's name")
     opts.set_handler(show, _cmd_schedule_show)
+    listing = schedule_sub.add_parser("list", help="list the shipped schedules with their step counts and speedups",
+                                      description="List the searched schedules shipped with the bundled models: "
+                                      "the model each fits, the step count it runs and what a held-out bench "
+                                      "measured for it. Each name works wherever a schedule file does.")
+    opts.set_handler(listing, _cmd_schedule_list)
     resample = schedule_sub.add_parser("resample", help="transfer a schedule to another step count",
                                        description="Map a schedule to a new step count by nearest step; logs "
                                        "the mapping.")

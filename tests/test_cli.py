@@ -30,6 +30,7 @@ def _verbs(parser):
 def test_every_verb_has_help(capsys):
     verbs = list(_verbs(build_parser()))
     assert ["generate"] in verbs and ["schedule", "show"] in verbs and ["schedule", "resample"] in verbs
+    assert ["schedule", "list"] in verbs
     assert ["schedule", "make"] in verbs
     for verb in ("eval", "bench", "calibrate", "solve", "search"):
         assert [verb] in verbs
@@ -87,6 +88,18 @@ def test_schedule_show_prints_summary(schedule_file, capsys):
 def test_schedule_show_takes_a_shipped_name(capsys):
     assert main(["schedule", "show", "digits-fast"]) == 0
     assert "PixArtTransformer2DModel: 20 steps x 28 blocks" in capsys.readouterr().out
+
+
+def test_schedule_list_shows_each_shipped_schedule_with_the_steps_it_runs(capsys):
+    from cachekit import zoo
+
+    assert main(["schedule", "list"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert set(rows) == set(zoo.shipped_schedules())
+    assert rows["digits-fastest"][1:3] == ["PixArtTransformer2DModel", "8"]
+    assert rows["digits-video-fast"][1:3] == ["WanTransformer3DModel", "20"]
+    measured = cachekit.Schedule.load(zoo.schedule_path("digits-fast")).measured["heldout"]
+    assert rows["digits-fast"][3] == f"{measured['speedup']:.2f}x"
 
 
 def test_schedule_resample_writes_new_file(schedule_file, tmp_path, capsys):

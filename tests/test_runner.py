@@ -199,6 +199,7 @@ def test_tiering_picks_a_faster_plan_only_when_allowed_and_says_so(runner, solo_
     assert strict.info.plan == "digits-lossless" and not strict.info.degraded and strict.info.deadline_missed
     assert degraded.info.degraded and degraded.info.requested_plan == "digits-lossless"
     assert degraded.info.plan == "digits-fastest"  # no tier meets a 0.1 ms deadline: the fastest serves
+    assert degraded.info.num_inference_steps == 8 and strict.info.num_inference_steps == 20  # at its own count
     assert not relaxed.info.degraded and relaxed.info.plan == "digits-lossless"
     assert max_pixel_difference(degraded_image, solo(solo_pipe, "a handwritten 7", 3, plan="digits-fastest")) \
         <= PIXEL_TOLERANCE

@@ -96,9 +96,23 @@ def test_same_prompt_and_seed_give_the_runners_solo_result(client, server):
     assert max_pixel_difference(decode(response.json()["data"][0]["b64_json"]), expected) <= PIXEL_TOLERANCE
 
 
+def test_a_schedule_without_steps_runs_the_step_count_it_was_searched_at(client, solo_pipe):
+    """digits-fastest is a joint-search point at 8 steps: a request that leaves num_inference_steps out runs 8."""
+    response = client.post(API, json={"prompt": "a handwritten 4", "seed": 2, "cache": "digits-fastest",
+                                      "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    entry = response.json()["data"][0]
+    assert entry["cachekit"]["num_inference_steps"] == 8 and entry["cachekit"]["plan"] == "digits-fastest"
+    expected = PipelineCall(["a handwritten 4"], num_inference_steps=8, seeds=(2,), kwargs={"guidance_scale": 4.0},
+                            output_type="pil")(solo_pipe, plan="digits-fastest")[0]
+    assert max_pixel_difference(decode(entry["b64_json"]), expected) <= PIXEL_TOLERANCE
+
+
 def test_models_healthz_stats_metrics_and_openapi(client):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "digits"
+    offered = {row["id"]: row["num_inference_steps"] for row in models["data"][0]["schedules"]}
+    assert offered == {"digits-lossless": 20, "digits-fast": 20, "digits-fastest": 8}  # not the video model's
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     stats = client.get("/v1/stats").json()

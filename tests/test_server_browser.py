@@ -121,7 +121,11 @@ def test_without_the_key_the_page_says_so_readably(browser, server_url):
 def test_generate_shows_the_prompted_digits_with_latency_and_reuse(page):
     assert page.locator("#cache option").all_inner_texts()[0].startswith("none")
     page.fill("#prompt", "a handwritten 7")
+    page.select_option("#cache", "digits-fastest")  # a joint-search point: it runs the 8 steps it was searched at
+    assert page.input_value("#steps") == "8" and page.is_disabled("#steps")
+    assert "8 steps" in page.locator("#cache option[value='digits-fastest']").inner_text()
     page.select_option("#cache", "digits-fast")
+    assert page.input_value("#steps") == "20"
     page.fill("#n", "2")
     page.click("#generate")
     batch = page.locator("#images .batch").first
@@ -148,7 +152,7 @@ def test_generate_shows_the_prompted_digits_with_latency_and_reuse(page):
 
 
 def test_cancel_stops_a_generation_on_the_server(page, server_url):
-    page.select_option("#cache", "none")  # the shipped schedules are for 20 steps: at 100 they are a 422
+    page.select_option("#cache", "none")  # a shipped schedule fixes the step count; uncached, any count goes
     page.fill("#steps", "100")
     page.fill("#n", "2")
     page.click("#generate")

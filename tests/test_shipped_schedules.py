@@ -24,14 +24,19 @@ def pipe():
 def test_three_shipped_schedules_fit_the_digits_model_and_say_what_was_measured(pipe):
     shipped = shipped_schedules()
     assert set(NAMES) <= set(shipped)
-    costs = []
+    costs, steps = [], []
     for name in NAMES:
         schedule = Schedule.load(shipped[name])
-        schedule.validate_for(pipe.transformer, DIGITS_DEFAULTS["num_inference_steps"])
+        schedule.validate_for(pipe.transformer, schedule.num_steps)
         assert schedule.provenance["method"] == "search"
-        assert {"speedup", "psnr", "fid"} <= set(schedule.measured["heldout"])
-        costs.append(schedule.measured["heldout"]["macs_ratio"])
+        heldout = schedule.measured["heldout"]
+        assert {"speedup", "psnr", "fid", "kid"} <= set(heldout)
+        # every point was judged against the uncached model at the model's own step count, whatever it runs
+        assert heldout["num_steps"] == DIGITS_DEFAULTS["num_inference_steps"]
+        costs.append(heldout["macs_ratio"])
+        steps.append(schedule.num_steps)
     assert costs == sorted(costs, reverse=True)  # lossless computes most, fastest least
+    assert steps == [20, 20, 8]  # points of the joint step-count x schedule front: digits-fastest runs 8 steps
 
 
 def test_a_shipped_name_is_a_plan(pipe, capsys):

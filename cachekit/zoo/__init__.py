@@ -261,6 +261,25 @@ def shipped_schedules() -> Dict[str, Path]:
     return {path.stem: path for path in sorted(_SCHEDULES.glob("*.json"))}
 
 
+def shipped_schedule_rows(model_class: str | None = None) -> list[Dict[str, Any]]:
+    """One row per shipped schedule (name, model class, step count and what the held-out bench measured), optionally
+    only those made for `model_class`: what `cachekit schedule list` prints and the server offers.
+
+    A joint search's points run their own step count (``digits-fastest`` runs 8 of the model's 20), so a caller
+    that shows a schedule also shows the steps it runs."""
+    from ..schedule import Schedule
+
+    rows = []
+    for name, path in shipped_schedules().items():
+        schedule = Schedule.load(path)
+        if model_class is not None and schedule.model_class != model_class:
+            continue
+        heldout = (schedule.measured or {}).get("heldout", {})
+        rows.append({"id": name, "model_class": schedule.model_class, "num_inference_steps": schedule.num_steps,
+                     "speedup": heldout.get("speedup"), "psnr": heldout.get("psnr"), "kid": heldout.get("kid")})
+    return rows
+
+
 def schedule_path(name: str) -> Path:
     """The file of a shipped schedule; unknown names list the shipped ones."""
     shipped = shipped_schedules()

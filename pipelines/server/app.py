@@ -65,6 +65,7 @@ class _Served:
         self.draining = False
         self.inflight: dict[str, list[RequestHandle]] = {}
         self.model_id = model
+        self.schedules: list[dict[str, Any]] = []
 
     def begin_drain(self) -> None:
         """Shutdown has begun: take no new work; say what is still in flight."""
@@ -81,6 +82,10 @@ class _Served:
             self.runner = Runner(self.model, **self.runner_options)  # loaded on the runner's own thread
 
         self.model_id = zoo.bundled_name(self.runner.pipe) or type(self.runner.pipe).__name__
+        transformer = getattr(self.runner.pipe, "transformer", None)
+        if transformer is not None:  # what the page offers as cache tiers, each with the step count it runs
+            self.schedules = [{key: row[key] for key in ("id", "num_inference_steps", "speedup")}
+                              for row in zoo.shipped_schedule_rows(type(transformer).__name__)]
 
 
 def create_app(
@@ -204,11 +209,13 @@ def create_app(
         return {"id": request_id, "cancelled": cancelled}
 
     # ------------------------------------------------------------------ the rest
-    @app.get("/v1/models", summary="The served model")
+    @app.get("/v1/models", summary="The served model, and the shipped schedules it takes as `cache` (each with "
+                                   "the step count it runs)")
     async def models() -> dict[str, Any]:
         video = served.runner is not None and getattr(served.runner.family, "supports_video_streams", False)
         return {"object": "list", "data": [{"id": served.model_id, "object": "model", "created": 0,
-                                            "owned_by": "cachekit", "kind": "video" if video else "image"}]}
+                                            "owned_by": "cachekit", "kind": "video" if video else "image",
+                                            "schedules": served.schedules}]}
 
     @app.get("/healthz", summary="200 once the model is loaded and warm, 503 before and while shutting down")
     async def healthz() -> JSONResponse:

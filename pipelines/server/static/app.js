@@ -5,11 +5,10 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "cachekit.apiKey";
-// The shipped cache tiers (cachekit.plans.plan_names()["shipped"] plus "none"): the server has no endpoint that
-// lists plans, so the page names them. Any policy spec the server takes (e.g. fora:interval=3) works through the API.
-const TIERS = ["none", "digits-lossless", "digits-fast", "digits-fastest"];
-const TIER_NOTES = {"none": "uncached", "digits-lossless": "reuse, no visible loss",
-                    "digits-fast": "more reuse", "digits-fastest": "most reuse"};
+// The cache tiers are "none" plus the shipped schedules GET /v1/models lists for the served model, each with the
+// step count it runs (a joint-search point such as digits-fastest runs 8 steps): choosing one sets the steps field.
+// Any policy spec the server takes (e.g. fora:interval=3) works through the API.
+let scheduleSteps = {};
 
 // ------------------------------------------------------------------------------------------------ API basics
 function apiKey() {
@@ -63,6 +62,7 @@ async function loadServerInfo() {
   try {
     const models = await (await api("v1/models")).json();
     $("model").textContent = models.data.map((m) => m.id).join(", ");
+    fillTiers(models.data.flatMap((m) => m.schedules || []));
     showModelKind(models.data.some((m) => m.kind === "video") ? "video" : "image");
     showError("");
   } catch (err) {
@@ -80,16 +80,29 @@ async function loadServerInfo() {
   } catch (_) { /* the form's defaults stand */ }
 }
 
-function fillTiers(tiers) {
+// schedules: [{id, num_inference_steps, speedup}] from /v1/models; "none" (the uncached model) comes first.
+function fillTiers(schedules) {
   const select = $("cache");
-  const chosen = select.value || localStorage.getItem("cachekit.cache");
-  select.replaceChildren(...tiers.map((name) => {
-    const option = document.createElement("option");
-    option.value = name;
-    option.textContent = TIER_NOTES[name] ? `${name} (${TIER_NOTES[name]})` : name;
-    return option;
-  }));
-  select.value = tiers.includes(chosen) ? chosen : tiers.includes("digits-fast") ? "digits-fast" : tiers[0];
+  const chosen = localStorage.getItem("cachekit.cache") || select.value;
+  scheduleSteps = Object.fromEntries(schedules.map((s) => [s.id, s.num_inference_steps]));
+  const option = (value, text) => {
+    const element = document.createElement("option");
+    element.value = value;
+    element.textContent = text;
+    return element;
+  };
+  select.replaceChildren(option("none", "none (uncached)"), ...schedules.map((s) => option(s.id,
+    `${s.id} (${s.num_inference_steps} steps${s.speedup ? ` · ${s.speedup.toFixed(1)}x` : ""})`)));
+  const names = ["none", ...Object.keys(scheduleSteps)];
+  select.value = names.includes(chosen) ? chosen : names.includes("digits-fast") ? "digits-fast" : names[0];
+  followSchedule();
+}
+
+// A schedule runs the step count it was searched at: show it, and keep the field fixed while it is chosen.
+function followSchedule() {
+  const steps = scheduleSteps[$("cache").value];
+  $("steps").disabled = steps !== undefined;
+  if (steps !== undefined) $("steps").value = steps;
 }
 
 async function pollHealth() {
@@ -733,7 +746,11 @@ function init() {
     webcam.disabled = true;
     webcam.textContent = "webcam (not available here)";
   }
-  fillTiers(TIERS);
+  fillTiers([]);
+  $("cache").addEventListener("change", () => {
+    localStorage.setItem("cachekit.cache", $("cache").value);
+    followSchedule();
+  });
   $("key-form").addEventListener("submit", (event) => event.preventDefault());
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
