@@ -734,7 +734,12 @@ class ComponentCacheHook(_RowCachingHook):
 
 
 class BlockResidualHook(_RowCachingHook):
-    """Reuse a whole block's residual `output - input`, added to the live input (FORA, Delta-DiT)."""
+    """Reuse a whole block's residual `output - input`, added to the live input (FORA, Delta-DiT).
+
+    The cached value holds one residual per stream with the image stream (`hidden_states`) last, whichever order
+    the block returns them in (FLUX returns the text stream first, HunyuanVideo and CogView4 last): the runtime
+    policies read the last one as their signal, and must not judge the text stream.
+    """
 
     serve_needs_inputs = True
     mode = "block"
@@ -743,6 +748,12 @@ class BlockResidualHook(_RowCachingHook):
         super().__init__(*args, **kwargs)
         self.residual_outputs = residual_outputs
         self._positions: list[int | None] = []
+        image = residual_outputs.index("hidden_states") if "hidden_states" in residual_outputs else -1
+        order = list(range(len(residual_outputs)))
+        if image >= 0:
+            order.append(order.pop(image))
+        self._stored_order = tuple(order)  # output position of each stored residual
+        self._reordered = self._stored_order != tuple(range(len(residual_outputs)))
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         module = super().initialize_hook(module)
@@ -772,11 +783,17 @@ class BlockResidualHook(_RowCachingHook):
             raise RuntimeError(
                 f"{self.name} returned {len(outputs)} outputs but its registry entry names {self.residual_outputs}"
             )
-        return tuple(
+        residuals = tuple(
             None if out is None or inp is None else out - inp for out, inp in zip(outputs, self._inputs(args, kwargs))
         )
+        return tuple(residuals[i] for i in self._stored_order) if self._reordered else residuals
 
     def _serve(self, args: tuple, kwargs: dict, cached: Any) -> Any:
+        if self._reordered:  # back to the block's own output order
+            by_output: list[Any] = [None] * len(cached)
+            for residual, position in zip(cached, self._stored_order):
+                by_output[position] = residual
+            cached = by_output
         served = tuple(
             None if res is None or inp is None else inp + res for res, inp in zip(cached, self._inputs(args, kwargs))
         )

@@ -161,3 +161,25 @@ def test_plan_specs():
         resolve_plan("fora:3", model, STEPS)
     with pytest.raises(PlanError, match="not found"):
         resolve_plan("missing.json", model, STEPS)
+
+
+@pytest.mark.parametrize("name", ["CogView4Transformer2DModel", "HunyuanImageTransformer2DModel",
+                                  "FluxTransformer2DModel"])
+def test_the_policies_signal_is_the_image_stream_whatever_order_the_block_returns(name):
+    """CogView4 and HunyuanImage blocks return (hidden_states, encoder_hidden_states), FLUX the other way round: the
+    residual a policy judges is the image stream's in both, never the text's (they differ in token count here)."""
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    first = cachekit.registry.resolve_layout(model, "block").blocks[0]
+    image_position = first.group.residual_outputs.index("hidden_states")
+    outputs = []
+    handle = first.module.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        recorder = record_signals(model, lambda: denoise(model, tiny, 3), scheduler=tiny.scheduler())
+    finally:
+        handle.remove()
+    image, text = outputs[0][image_position], outputs[0][1 - image_position]
+    assert image.shape[1] != text.shape[1]
+    recorded = [record["first_residual"] for steps in recorder.records.values() for record in steps.values()]
+    assert len(recorded) == 2 * 3  # two rows, three steps
+    assert all(residual.shape == image.shape[1:] for residual in recorded)

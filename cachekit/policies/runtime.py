@@ -40,7 +40,8 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
 
 
 def _hidden_residual(value: Any) -> torch.Tensor:
-    """The image-stream residual out of a block's cached value (a tuple per output stream)."""
+    """The image-stream residual out of a block's cached value (a tuple per output stream, the image stream last:
+    `BlockResidualHook` stores it so)."""
     residuals = [r for r in value if r is not None]
     return residuals[-1] if len(residuals) > 1 else residuals[0]
 
