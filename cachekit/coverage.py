@@ -38,6 +38,8 @@ PIPELINE_TESTS: dict[str, str] = {
     "SanaTransformer2DModel": "SanaPipeline (tiny components)",
     "FluxTransformer2DModel": "FluxPipeline (tiny components)",
     "AuraFlowTransformer2DModel": "AuraFlowPipeline (tiny components)",
+    "ChromaTransformer2DModel": "ChromaPipeline (tiny components; CFG as two unnamed calls)",
+    "LTXVideoTransformer3DModel": "LTXPipeline (tiny components)",
 }
 """Classes tested through their stock pipeline's `__call__` as well, and which pipeline."""
 

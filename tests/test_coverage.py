@@ -15,7 +15,7 @@ import pytest
 import cachekit.coverage as cov
 from cachekit.cli import main
 from cachekit.registry import COVERAGE_SPECS, NOT_SUPPORTED, supported_models
-from tiny_models import CORE_MODELS, TINY_MODELS, tiny_auraflow_pipeline
+from tiny_models import CORE_MODELS, TINY_MODELS, tiny_auraflow_pipeline, tiny_chroma_pipeline, tiny_ltx_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,30 +95,48 @@ def test_every_entry_maps_to_a_cache_dit_forward_pattern():
         assert {g.residual_outputs for g in spec_for(name).groups} <= patterns, name
 
 
-def test_a_coverage_family_through_its_stock_pipeline_call():
-    """AuraFlow through `AuraFlowPipeline.__call__` with CFG: steps are tracked from the stock call's timesteps
-    (nothing reused is bit-exact, FORA reuses), both branches ride in one batch, and the caches are freed."""
+@pytest.mark.parametrize("build, cfg_forwards, size", [
+    (tiny_auraflow_pipeline, "batched", {"height": 16, "width": 16}),
+    (tiny_chroma_pipeline, "two unnamed calls", {"height": 16, "width": 16}),
+    (tiny_ltx_pipeline, "batched", {"height": 32, "width": 32, "num_frames": 5}),
+], ids=["AuraFlow", "Chroma", "LTX-Video"])
+def test_a_coverage_family_through_its_stock_pipeline_call(build, cfg_forwards, size):
+    """A coverage family through its stock pipeline's `__call__` with CFG: steps are tracked from the stock call's
+    timesteps (nothing reused is bit-exact, FORA reuses), the two CFG branches hold caches of their own whether they
+    ride in one batch (AuraFlow, LTX-Video) or come as two unnamed transformer calls per step (Chroma), and the
+    caches are freed."""
     import torch
 
     import cachekit
 
-    pipe = tiny_auraflow_pipeline()
-    batches = []
-    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: batches.append(
+    pipe = build()
+    steps = 6
+    forwards = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(
         (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+    live_keys = []
 
-    def call():
-        return pipe(prompt="a seven", negative_prompt="blurry", num_inference_steps=6, guidance_scale=3.0, height=16,
-                    width=16, max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    def count_keys(pipe, step, timestep, callback_kwargs):
+        live_keys.append(len(cachekit.sessions(pipe.transformer)[0].cached_keys()))
+        return callback_kwargs
+
+    def call(guidance_scale=3.0, **extra):
+        out = pipe(prompt="a seven", negative_prompt="blurry", num_inference_steps=steps,
+                   guidance_scale=guidance_scale, max_sequence_length=16, output_type="pt",
+                   generator=torch.Generator().manual_seed(0), **size, **extra)
+        return out.frames if "num_frames" in size else out.images
 
     reference = call()
+    assert forwards == ([2] * steps if cfg_forwards == "batched" else [1] * (2 * steps))
     with cachekit.cached(pipe.transformer, "fora:interval=1", scheduler=pipe.scheduler):
         exact = call()
     assert torch.equal(exact, reference)
     with cachekit.cached(pipe.transformer, "fora:interval=2", scheduler=pipe.scheduler):
-        reused = call()
+        reused = call(callback_on_step_end=count_keys)
+        call(guidance_scale=1.0, callback_on_step_end=count_keys)  # no CFG: one branch
         session = cachekit.sessions(pipe.transformer)[0]
         assert session.stats.reused > 0 and session.cached_entries == 0  # freed after the last step
     assert cachekit.sessions(pipe.transformer) == []
-    assert set(batches) == {2}  # cond and uncond rows in one forward: their cache rows are apart
+    # after each step but the last (whose end frees them): one cache key per branch, two with CFG, one without
+    assert live_keys[: steps - 1] == [2] * (steps - 1) and live_keys[steps: 2 * steps - 1] == [1] * (steps - 1)
     assert torch.isfinite(reused).all() and not torch.equal(reused, reference)

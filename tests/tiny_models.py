@@ -741,3 +741,72 @@ def tiny_auraflow_pipeline():
                                       transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_chroma_pipeline():
+    """A stock ChromaPipeline from tiny configs: a two-layer T5 encoder over a word tokenizer, a one-double-
+    one-single-block Chroma transformer on 8x8x4 latents (16 packed tokens), a two-stage VAE, flow-matching Euler.
+    Its CFG is two unnamed transformer calls per step (conditional, then negative): the branches are told apart
+    by call order, not by a `cache_context` label."""
+    from diffusers import AutoencoderKL, ChromaPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from cachekit.zoo._text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
+                                     model_max_length=16)
+    torch.manual_seed(1)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
+        use_cache=False)).eval()
+    torch.manual_seed(0)
+    transformer = diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+        approximator_hidden_dim=16, approximator_layers=1).eval()
+    torch.manual_seed(3)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False).eval()
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_ltx_pipeline():
+    """A stock LTXPipeline (text to video) from tiny configs: a one-layer T5 encoder over a word tokenizer, a
+    two-block LTX-Video transformer, a four-stage causal video VAE compressing 4x in space and time (5 frames of
+    32x32 px -> 2 x 8 x 8 latents; the pipeline wants multiples of 32), flow-matching Euler. Its CFG is batched."""
+    from diffusers import AutoencoderKLLTXVideo, LTXPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from cachekit.zoo._text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
+                                     model_max_length=16)
+    torch.manual_seed(1)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
+        use_cache=False)).eval()
+    torch.manual_seed(0)
+    transformer = diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=2, caption_channels=16, patch_size=1, patch_size_t=1).eval()
+    torch.manual_seed(3)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False).eval()
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                       tokenizer=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
