@@ -57,7 +57,8 @@ def _stock_pipelines():
     import diffusers
 
     return [getattr(diffusers, name) for name in ("PixArtAlphaPipeline", "WanPipeline", "StableDiffusion3Pipeline",
-                                                  "SanaPipeline", "FluxPipeline", "AuraFlowPipeline")]
+                                                  "SanaPipeline", "FluxPipeline", "AuraFlowPipeline", "ChromaPipeline",
+                                                  "LTXPipeline")]
 
 
 def test_docs_models_md_is_generated_from_the_registry(rows):
