@@ -141,3 +141,27 @@ def test_a_coverage_family_through_its_stock_pipeline_call(build, cfg_forwards, 
     # after each step but the last (whose end frees them): one cache key per branch, two with CFG, one without
     assert live_keys[: steps - 1] == [2] * (steps - 1) and live_keys[steps: 2 * steps - 1] == [1] * (steps - 1)
     assert torch.isfinite(reused).all() and not torch.equal(reused, reference)
+
+
+@pytest.mark.parametrize("build, size", [
+    (tiny_auraflow_pipeline, {"height": 16, "width": 16}),
+    (tiny_chroma_pipeline, {"height": 16, "width": 16}),
+    (tiny_ltx_pipeline, {"height": 32, "width": 32, "num_frames": 5}),
+], ids=["AuraFlow", "Chroma", "LTX-Video"])
+def test_the_bench_peers_act_on_coverage_families_or_say_why(build, size):
+    """Every peer of `cachekit bench` (diffusers' caches, cache-dit) over a coverage family's stock pipeline, at its
+    first sweep value: it measurably skips work, or its row says why not (a block diffusers' registry lacks, CFG as
+    two calls for FasterCache, too few blocks for DBCache, ...). Nothing raises."""
+    from cachekit.eval.peers import PEERS, PipelineCall, run_peers
+
+    pipe = build()
+    call = PipelineCall(["a seven", "a two"], num_inference_steps=6,
+                        kwargs={"guidance_scale": 3.0, "max_sequence_length": 16, **size})
+    rows = run_peers(pipe, call, knobs={peer.name: peer.sweep[:1] for peer in PEERS}, progress=False)
+    assert [row.peer for row in rows] == [peer.name for peer in PEERS]
+    for row in rows:
+        if row.status == "acted":
+            assert row.work.skipped_linear_calls > 0, row.peer
+        else:
+            assert row.status in {"cannot-act", "no-skip", "unavailable"} and row.reason, (row.peer, row.status)
+    assert sum(row.status == "acted" for row in rows) >= 2
