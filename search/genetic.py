@@ -583,7 +583,11 @@ def write_outputs(result: SearchResult, template: Schedule, out_dir: str | os.Pa
             provenance={"method": "search", "objectives": result.objectives, "origin": point["origin"],
                         "seed": result.config["seed"]},
         )
-        schedule.predicted_cost = {result.objectives["cost"]: round(point["cost"], 6)}
+        # A point's cost is against the uncached call at the reference step count (what the front compares); the
+        # file records it against the uncached model at the schedule's own count, as every schedule file does, so a
+        # runner that prices `steps x cost` counts the skipped steps once (the per-call overhead is spread evenly).
+        reference_steps = result.evaluator.get("num_steps", schedule.num_steps)
+        schedule.predicted_cost = {result.objectives["cost"]: round(point["cost"] * reference_steps / schedule.num_steps, 6)}
         schedule.measured = {result.objectives["quality"]: round(point["quality"], 4),
                              **({"clip_score": point["clip_score"]} if "clip_score" in point else {})}
         name = f"front_{i:02d}_{schedule.num_steps}steps_x{speedup:.2f}.json" if joint else f"front_{i:02d}_x{speedup:.2f}.json"

@@ -135,7 +135,11 @@ def test_search_cli_searches_step_counts_on_the_digits_model(tmp_path, capsys):
     assert seeds["steps-3"]["quality"] < 60.0  # judged against the 4-step images, not its own
     assert seeds["steps-3"]["cost"] < seeds["steps-4"]["cost"]  # wall-clock model fitted across step counts
     for point in front["front"]:
-        assert cachekit.Schedule.load(out / point["file"]).num_steps == point["num_steps"]
+        schedule = cachekit.Schedule.load(out / point["file"])
+        assert schedule.num_steps == point["num_steps"]
+        # the file's predicted cost is against the uncached model at its own count, the front's against 4 steps
+        (ratio,) = schedule.predicted_cost.values()
+        assert ratio == pytest.approx(point["cost"] * 4 / schedule.num_steps, abs=1e-6)
     assert "uniform step-skipping" in (out / "summary.md").read_text()
 
     assert main(["search", "--steps", "3,x", "--out", str(tmp_path / "bad")]) == 2
