@@ -716,7 +716,7 @@ def tiny_auraflow_pipeline():
     """A stock AuraFlowPipeline from tiny configs: a one-layer UMT5 encoder over a word tokenizer, a one-joint-
     two-single-block AuraFlow transformer on 8x8x4 latents, a two-stage VAE, flow-matching Euler. Its CFG is batched
     (both branches in one forward), so the branches' rows are apart by construction."""
-    from diffusers import AuraFlowPipeline, AutoencoderKL
+    from diffusers import AutoencoderKL
     from transformers import UMT5Config, UMT5EncoderModel
 
     from cachekit.zoo._text import build_word_tokenizer
