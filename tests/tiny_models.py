@@ -420,15 +420,30 @@ def tiny_sana_pipeline():
     return pipe
 
 
+def _tiny_t5(model_max_length: int, d_model: int, d_ff: int, num_layers: int, num_heads: int, seed: int):
+    """A T5 encoder (what FLUX, Chroma and LTX-Video take as their text encoder) over a word tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    from cachekit.zoo._text import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
+                                     model_max_length=model_max_length)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=d_ff, num_layers=num_layers, num_heads=num_heads,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
+        use_cache=False)).eval()
+    return tokenizer, text_encoder
+
+
 def tiny_flux_pipeline():
     """A stock FluxPipeline from tiny configs: a CLIP text encoder (pooled 32) and a T5 encoder (32 wide) over word
     tokenizers, a one-double- one-single-block FLUX transformer with guidance embedding on 8x8x4 latents (16 packed
     tokens), a VAE with FLUX's scaling and shift, and FLUX's dynamically shifted flow-matching Euler scheduler.
     `default_sample_size` is set to 8 so the stock default size is the model's 16 px, not 256."""
     from diffusers import AutoencoderKL, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from cachekit.zoo._text import build_word_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _tiny_clip_tokenizer()
     torch.manual_seed(1)
@@ -437,14 +452,7 @@ def tiny_flux_pipeline():
         max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu", layer_norm_eps=1e-5,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)).eval()
-    tokenizer_2 = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
-                                       model_max_length=32)
-    torch.manual_seed(2)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
-        use_cache=False)).eval()
+    tokenizer_2, text_encoder_2 = _tiny_t5(32, d_model=32, d_ff=64, num_layers=2, num_heads=4, seed=2)
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -749,18 +757,8 @@ def tiny_chroma_pipeline():
     Its CFG is two unnamed transformer calls per step (conditional, then negative): the branches are told apart
     by call order, not by a `cache_context` label."""
     from diffusers import AutoencoderKL, ChromaPipeline
-    from transformers import T5Config, T5EncoderModel
 
-    from cachekit.zoo._text import build_word_tokenizer
-
-    tokenizer = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
-                                     model_max_length=16)
-    torch.manual_seed(1)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
-        use_cache=False)).eval()
+    tokenizer, text_encoder = _tiny_t5(16, d_model=32, d_ff=64, num_layers=2, num_heads=4, seed=1)
     torch.manual_seed(0)
     transformer = diffusers.ChromaTransformer2DModel(
         patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -782,18 +780,8 @@ def tiny_ltx_pipeline():
     two-block LTX-Video transformer, a four-stage causal video VAE compressing 4x in space and time (5 frames of
     32x32 px -> 2 x 8 x 8 latents; the pipeline wants multiples of 32), flow-matching Euler. Its CFG is batched."""
     from diffusers import AutoencoderKLLTXVideo, LTXPipeline
-    from transformers import T5Config, T5EncoderModel
 
-    from cachekit.zoo._text import build_word_tokenizer
-
-    tokenizer = build_word_tokenizer(["<pad>", "</s>", "<unk>"], eos="</s>", pad="<pad>", unk="<unk>",
-                                     model_max_length=16)
-    torch.manual_seed(1)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False,
-        use_cache=False)).eval()
+    tokenizer, text_encoder = _tiny_t5(16, d_model=16, d_ff=32, num_layers=1, num_heads=2, seed=1)
     torch.manual_seed(0)
     transformer = diffusers.LTXVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
