@@ -364,8 +364,10 @@ def test_graceful_shutdown_finishes_or_cancels_in_flight_requests_and_logs_which
     caplog.set_level(logging.INFO, logger="cachekit.server")
     results = {}
     with Runner(max_batch=4) as runner:
-        live = ServerThread(create_app(runner=runner, warm=False, limits=ServerLimits(shutdown_grace_s=1)),
-                          grace_s=1)
+        # a 3 s grace: "quick" (10 steps) ends well inside it even on a loaded 2-core machine (it did not always
+        # inside 1 s); "slow" (100 steps of at least 0.1 s) cannot
+        live = ServerThread(create_app(runner=runner, warm=False, limits=ServerLimits(shutdown_grace_s=3)),
+                          grace_s=3)
         with live:
             def post(name, steps):
                 results[name] = httpx.post(live.url + API, timeout=60, json={
@@ -376,7 +378,7 @@ def test_graceful_shutdown_finishes_or_cancels_in_flight_requests_and_logs_which
                 thread.start()
             while runner.stats()["active"] < 2:
                 time.sleep(0.005)
-            runner.pipe.transformer.register_forward_pre_hook(lambda *_: time.sleep(0.05))  # "slow" outlasts 1 s
+            runner.pipe.transformer.register_forward_pre_hook(lambda *_: time.sleep(0.1))  # "slow" outlasts 3 s
         for thread in threads:
             thread.join(60)
         deadline = time.monotonic() + 10  # the cancelled request leaves at the runner's next tick
