@@ -84,6 +84,7 @@ async function loadServerInfo() {
 function fillTiers(schedules) {
   const select = $("cache");
   const chosen = localStorage.getItem("cachekit.cache") || select.value;
+  schedules = [...schedules].sort((a, b) => (a.speedup || 0) - (b.speedup || 0));  // most faithful first
   scheduleSteps = Object.fromEntries(schedules.map((s) => [s.id, s.num_inference_steps]));
   const option = (value, text) => {
     const element = document.createElement("option");
