@@ -35,7 +35,7 @@ def ship(report: dict[str, Any], front: str | Path, items: list[str], latency_be
     timed = []
     for path in latency_benches or []:
         other = json.loads(Path(path).read_text())
-        timed.append((path, other["latency_protocol"]["batch_size"], {row["name"]: row for row in other["rows"]}))
+        timed.append((path, other["latency_protocol"], {row["name"]: row for row in other["rows"]}))
     Path(out).mkdir(parents=True, exist_ok=True)
     written = []
     for item in items:
@@ -61,13 +61,14 @@ def ship(report: dict[str, Any], front: str | Path, items: list[str], latency_be
         }
         if report.get("latency_protocol"):
             schedule.measured["heldout"]["latency_protocol"] = report["latency_protocol"]
-        for i, (path, batch, timed_rows) in enumerate(timed):
+        for i, (path, protocol, timed_rows) in enumerate(timed):
             if stem not in timed_rows:
                 raise SystemExit(f"{stem} is not a row of {path}")
-            schedule.measured["heldout"][f"speedup_at_batch_{batch}"] = timed_rows[stem]["speedup"]
-            if i == 0:
+            schedule.measured["heldout"][f"speedup_at_batch_{protocol['batch_size']}"] = timed_rows[stem]["speedup"]
+            if i == 0:  # the headline speedup, labelled with the protocol that timed it
                 schedule.measured["heldout"]["speedup"] = timed_rows[stem]["speedup"]
                 schedule.measured["heldout"]["speedup_from"] = path
+                schedule.measured["heldout"]["latency_protocol"] = protocol
         path = Path(out) / f"{name}.json"
         schedule.save(path)
         written.append(path)
