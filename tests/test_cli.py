@@ -66,6 +66,13 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "generate" in result.stdout
 
 
+def test_serve_help_runs_in_a_fresh_process_and_names_its_extra():
+    """What a newcomer types first: `cachekit serve --help` as its own process (nothing imported before it)."""
+    result = subprocess.run([sys.executable, "-m", "cachekit", "serve", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--max-batch" in result.stdout and "cachekit[serve]" in result.stdout
+
+
 @pytest.fixture()
 def schedule_file(tmp_path):
     model = build("PixArtTransformer2DModel")

@@ -45,7 +45,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Serve a pipeline (the bundled digits model by default) through the streaming batch runner: "
                     "POST /v1/images/generations, WS /v1/stream, GET /metrics, and a web page at /; for a video "
                     "model (--model digits-video) POST /v1/videos jobs and WS /v1/video-stream. Binds to "
-                    "127.0.0.1 unless --host says otherwise; reports ready on /healthz once the model is warm.")
+                    "127.0.0.1 unless --host says otherwise; reports ready on /healthz once the model is warm. Needs the "
+                    "serve extra: pip install 'cachekit[serve]' (--ray: 'cachekit[ray]').")
     serve.add_argument("--model", default="digits",
                        help="a bundled model name or a local diffusers pipeline folder (default digits)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
