@@ -40,6 +40,10 @@ PIPELINE_TESTS: dict[str, str] = {
     "AuraFlowTransformer2DModel": "AuraFlowPipeline (tiny components)",
     "ChromaTransformer2DModel": "ChromaPipeline (tiny components; CFG as two unnamed calls)",
     "LTXVideoTransformer3DModel": "LTXPipeline (tiny components)",
+    # T5 group (tests/stock_pipelines_t5.py)
+    # Wan group (tests/stock_pipelines_wan.py)
+    # Qwen group (tests/stock_pipelines_qwen.py)
+    # Hunyuan group (tests/stock_pipelines_hunyuan.py)
 }
 """Classes tested through their stock pipeline's `__call__` as well, and which pipeline."""
 

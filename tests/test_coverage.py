@@ -15,7 +15,9 @@ import pytest
 import cachekit.coverage as cov
 from cachekit.cli import main
 from cachekit.registry import COVERAGE_SPECS, NOT_SUPPORTED, supported_models
-from tiny_models import CORE_MODELS, TINY_MODELS, tiny_auraflow_pipeline, tiny_chroma_pipeline, tiny_ltx_pipeline
+from stock_pipelines import CASES as STOCK_CASES
+from test_stock_pipelines import STOCK_CASES as ALL_STOCK_CASES
+from tiny_models import CORE_MODELS, TINY_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,19 +48,15 @@ def test_at_least_forty_supported_classes_each_with_a_tiny_model(rows):
 
 
 def test_the_table_names_what_tests_each_class_and_the_pipeline_tests_exist(rows):
+    import diffusers
+
     for row in rows:
         assert (row.tests != "") == row.supported and (row.reason != "") != row.supported
     for name, pipeline in cov.PIPELINE_TESTS.items():
-        assert name in supported_models()
-        assert pipeline.split()[0] in {r.__name__ for r in _stock_pipelines()}
-
-
-def _stock_pipelines():
-    import diffusers
-
-    return [getattr(diffusers, name) for name in ("PixArtAlphaPipeline", "WanPipeline", "StableDiffusion3Pipeline",
-                                                  "SanaPipeline", "FluxPipeline", "AuraFlowPipeline", "ChromaPipeline",
-                                                  "LTXPipeline")]
+        assert name in supported_models() and hasattr(diffusers, pipeline.split()[0])
+    # each coverage class in the table has a case in tests/test_stock_pipelines.py (which checks the pairing)
+    coverage_classes = {s.class_name for s in COVERAGE_SPECS}
+    assert len(set(cov.PIPELINE_TESTS) & coverage_classes) == len(ALL_STOCK_CASES)
 
 
 def test_docs_models_md_is_generated_from_the_registry(rows):
@@ -96,67 +94,16 @@ def test_every_entry_maps_to_a_cache_dit_forward_pattern():
         assert {g.residual_outputs for g in spec_for(name).groups} <= patterns, name
 
 
-@pytest.mark.parametrize("build, cfg_forwards, size", [
-    (tiny_auraflow_pipeline, "batched", {"height": 16, "width": 16}),
-    (tiny_chroma_pipeline, "two unnamed calls", {"height": 16, "width": 16}),
-    (tiny_ltx_pipeline, "batched", {"height": 32, "width": 32, "num_frames": 5}),
-], ids=["AuraFlow", "Chroma", "LTX-Video"])
-def test_a_coverage_family_through_its_stock_pipeline_call(build, cfg_forwards, size):
-    """A coverage family through its stock pipeline's `__call__` with CFG: steps are tracked from the stock call's
-    timesteps (nothing reused is bit-exact, FORA reuses), the two CFG branches hold caches of their own whether they
-    ride in one batch (AuraFlow, LTX-Video) or come as two unnamed transformer calls per step (Chroma), and the
-    caches are freed."""
-    import torch
-
-    import cachekit
-
-    pipe = build()
-    steps = 6
-    forwards = []
-    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(
-        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
-    live_keys = []
-
-    def count_keys(pipe, step, timestep, callback_kwargs):
-        live_keys.append(len(cachekit.sessions(pipe.transformer)[0].cached_keys()))
-        return callback_kwargs
-
-    def call(guidance_scale=3.0, **extra):
-        out = pipe(prompt="a seven", negative_prompt="blurry", num_inference_steps=steps,
-                   guidance_scale=guidance_scale, max_sequence_length=16, output_type="pt",
-                   generator=torch.Generator().manual_seed(0), **size, **extra)
-        return out.frames if "num_frames" in size else out.images
-
-    reference = call()
-    assert forwards == ([2] * steps if cfg_forwards == "batched" else [1] * (2 * steps))
-    with cachekit.cached(pipe.transformer, "fora:interval=1", scheduler=pipe.scheduler):
-        exact = call()
-    assert torch.equal(exact, reference)
-    with cachekit.cached(pipe.transformer, "fora:interval=2", scheduler=pipe.scheduler):
-        reused = call(callback_on_step_end=count_keys)
-        call(guidance_scale=1.0, callback_on_step_end=count_keys)  # no CFG: one branch
-        session = cachekit.sessions(pipe.transformer)[0]
-        assert session.stats.reused > 0 and session.cached_entries == 0  # freed after the last step
-    assert cachekit.sessions(pipe.transformer) == []
-    # after each step but the last (whose end frees them): one cache key per branch, two with CFG, one without
-    assert live_keys[: steps - 1] == [2] * (steps - 1) and live_keys[steps: 2 * steps - 1] == [1] * (steps - 1)
-    assert torch.isfinite(reused).all() and not torch.equal(reused, reference)
-
-
-@pytest.mark.parametrize("build, size", [
-    (tiny_auraflow_pipeline, {"height": 16, "width": 16}),
-    (tiny_chroma_pipeline, {"height": 16, "width": 16}),
-    (tiny_ltx_pipeline, {"height": 32, "width": 32, "num_frames": 5}),
-], ids=["AuraFlow", "Chroma", "LTX-Video"])
-def test_the_bench_peers_act_on_coverage_families_or_say_why(build, size):
+@pytest.mark.parametrize("case", STOCK_CASES, ids=[case.family for case in STOCK_CASES])
+def test_the_bench_peers_act_on_coverage_families_or_say_why(case):
     """Every peer of `cachekit bench` (diffusers' caches, cache-dit) over a coverage family's stock pipeline, at its
     first sweep value: it measurably skips work, or its row says why not (a block diffusers' registry lacks, CFG as
     two calls for FasterCache, too few blocks for DBCache, ...). Nothing raises."""
     from cachekit.eval.peers import PEERS, PipelineCall, run_peers
 
-    pipe = build()
-    call = PipelineCall(["a seven", "a two"], num_inference_steps=6,
-                        kwargs={"guidance_scale": 3.0, "max_sequence_length": 16, **size})
+    pipe = case.build()
+    cfg = {key: value for key, value in case.cfg.items() if key != "negative_prompt"}
+    call = PipelineCall(["a seven", "a two"], num_inference_steps=6, kwargs={**cfg, **case.kwargs})
     rows = run_peers(pipe, call, knobs={peer.name: peer.sweep[:1] for peer in PEERS}, progress=False)
     assert [row.peer for row in rows] == [peer.name for peer in PEERS]
     for row in rows:

@@ -1,0 +1,65 @@
+"""Coverage families through their stock pipeline's `__call__`: step tracking, CFG branches kept apart, caches freed.
+
+`test_techniques` runs every technique over each coverage transformer in a plain denoising loop; here the family's
+own pipeline drives it, with its scheduler, its CFG convention (both branches batched in one forward, or one forward
+per branch, named by `cache_context` or not) and its step callback. The cases are in `stock_pipelines*.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cachekit
+from cachekit.coverage import PIPELINE_TESTS
+from stock_pipelines import StockCase
+import stock_pipelines
+import stock_pipelines_hunyuan
+import stock_pipelines_qwen
+import stock_pipelines_t5
+import stock_pipelines_wan
+
+STOCK_CASES: list[StockCase] = [*stock_pipelines.CASES, *stock_pipelines_t5.CASES, *stock_pipelines_wan.CASES,
+                                *stock_pipelines_qwen.CASES, *stock_pipelines_hunyuan.CASES]
+
+STEPS = 6
+
+
+def test_the_families_are_distinct():
+    assert len({case.family for case in STOCK_CASES}) == len(STOCK_CASES)
+
+
+@pytest.mark.parametrize("case", STOCK_CASES, ids=[case.family for case in STOCK_CASES])
+def test_a_coverage_family_through_its_stock_pipeline_call(case: StockCase):
+    """Nothing reused is bit-exact with the stock call, FORA reuses; the two CFG branches hold one cache each
+    (two cache keys after every step with CFG, one without) and the caches are freed after the last step."""
+    pipe = case.build()
+    assert PIPELINE_TESTS[type(pipe.transformer).__name__].split()[0] == type(pipe).__name__  # the coverage table
+    forwards = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+    live_keys = []
+
+    def count_keys(pipe, step, timestep, callback_kwargs):
+        live_keys.append(len(cachekit.sessions(pipe.transformer)[0].cached_keys()))
+        return callback_kwargs
+
+    def call(guidance: dict, **extra):
+        out = pipe(**case.inputs, num_inference_steps=STEPS, output_type="pt",
+                   generator=torch.Generator().manual_seed(0), **case.kwargs, **guidance, **extra)
+        return getattr(out, case.output)
+
+    reference = call(case.cfg)
+    assert forwards == ([2] * STEPS if case.cfg_forwards == "batched" else [1] * (2 * STEPS))
+    with cachekit.cached(pipe.transformer, "fora:interval=1", scheduler=pipe.scheduler):
+        exact = call(case.cfg)
+    assert torch.equal(exact, reference)
+    with cachekit.cached(pipe.transformer, "fora:interval=2", scheduler=pipe.scheduler):
+        reused = call(case.cfg, callback_on_step_end=count_keys)
+        call(case.no_cfg, callback_on_step_end=count_keys)
+        session = cachekit.sessions(pipe.transformer)[0]
+        assert session.stats.reused > 0 and session.cached_entries == 0  # freed after the last step
+    assert cachekit.sessions(pipe.transformer) == []
+    # after each step but the last (whose end frees them): one cache key per branch, two with CFG, one without
+    assert live_keys[: STEPS - 1] == [2] * (STEPS - 1) and live_keys[STEPS: 2 * STEPS - 1] == [1] * (STEPS - 1)
+    assert torch.isfinite(reused).all() and not torch.equal(reused, reference)
