@@ -40,10 +40,44 @@ PIPELINE_TESTS: dict[str, str] = {
     "AuraFlowTransformer2DModel": "AuraFlowPipeline (tiny components)",
     "ChromaTransformer2DModel": "ChromaPipeline (tiny components; CFG as two unnamed calls)",
     "LTXVideoTransformer3DModel": "LTXPipeline (tiny components)",
+    "PriorTransformer": "KandinskyV22PriorPipeline (tiny components)",
+    "DiTTransformer2DModel": "DiTPipeline (tiny components; class-conditional)",
+    "Transformer2DModel": "PixArtAlphaPipeline (tiny components; the legacy PixArt class)",
     # T5 group (tests/stock_pipelines_t5.py)
+    "CogVideoXTransformer3DModel": "CogVideoXPipeline (tiny components)",
+    "AllegroTransformer3DModel": "AllegroPipeline (tiny components)",
+    "CogView3PlusTransformer2DModel": "CogView3PlusPipeline (tiny components)",
+    "BriaTransformer2DModel": "BriaPipeline (tiny components)",
+    "HunyuanDiT2DModel": "HunyuanDiTPipeline (tiny components; BERT and T5 text encoders)",
     # Wan group (tests/stock_pipelines_wan.py)
+    "SkyReelsV2Transformer3DModel": "SkyReelsV2Pipeline (tiny components)",
+    "WanVACETransformer3DModel": "WanVACEPipeline (tiny components; text to video, no control video)",
+    "HeliosTransformer3DModel": "HeliosPipeline (tiny components; one chunk)",
+    "SanaVideoTransformer3DModel": "SanaVideoPipeline (tiny components)",
+    "ChronoEditTransformer3DModel": "ChronoEditPipeline (tiny components; image to video, CFG as two unnamed calls)",
+    "BriaFiboTransformer2DModel": "BriaFiboPipeline (tiny components)",
     # Qwen group (tests/stock_pipelines_qwen.py)
+    "LongCatImageTransformer2DModel": "LongCatImagePipeline (tiny components; CFG as two named calls)",
+    "QwenImageTransformer2DModel": "QwenImagePipeline (tiny components; true CFG as two named calls)",
+    "OvisImageTransformer2DModel": "OvisImagePipeline (tiny components; CFG as two named calls)",
+    "Flux2Transformer2DModel": "Flux2KleinPipeline (tiny components; CFG as two named calls, empty negative)",
+    "CogView4Transformer2DModel": "CogView4Pipeline (tiny components; CFG as two named calls)",
+    "Krea2Transformer2DModel": "Krea2Pipeline (tiny components; CFG as two unnamed calls)",
+    "HunyuanImageTransformer2DModel": "HunyuanImagePipeline (tiny components; guider CFG as two named calls)",
     # Hunyuan group (tests/stock_pipelines_hunyuan.py)
+    "HunyuanVideo15Transformer3DModel": "HunyuanVideo15Pipeline (tiny components; guider CFG as two named calls)",
+    "MotifVideoTransformer3DModel": "MotifVideoPipeline (tiny components; guider CFG as two named calls)",
+    "HunyuanVideoTransformer3DModel": "HunyuanVideoPipeline (tiny components; true CFG as two named calls)",
+    "EasyAnimateTransformer3DModel": "EasyAnimatePipeline (tiny components; BERT text encoder)",
+    "PRXTransformer2DModel": "PRXPipeline (tiny components)",
+    "HunyuanVideoFramepackTransformer3DModel": "HunyuanVideoFramepackPipeline (tiny components; true CFG as two "
+                                               "unnamed calls)",
+    # vision-language group (tests/stock_pipelines_vl.py)
+    "Flux3Transformer2DModel": "Flux3ModularPipeline (tiny components; guider CFG as two unnamed calls)",
+    "ConsisIDTransformer3DModel": "ConsisIDPipeline (tiny components; image to video, face branch off)",
+    "NucleusMoEImageTransformer2DModel": "NucleusMoEImagePipeline (tiny components; CFG as two unnamed calls)",
+    "JoyImageEditTransformer3DModel": "JoyImageEditPipeline (tiny components; image edit, CFG as two unnamed calls)",
+    "GlmImageTransformer2DModel": "GlmImagePipeline (tiny components; prior tokens given, CFG as two unnamed calls)",
 }
 """Classes tested through their stock pipeline's `__call__` as well, and which pipeline."""
 
@@ -60,6 +94,7 @@ class CoverageRow:
     timestep: str = ""
     tests: str = ""
     reason: str = ""
+    stock_pipeline: str = ""  # the diffusers pipeline its stock-pipeline test calls
 
 
 def transformer_classes() -> dict[str, str]:
@@ -88,7 +123,8 @@ def _row(name: str, module: str) -> CoverageRow:
         if name in PIPELINE_TESTS:
             tests += f"; stock pipeline: {PIPELINE_TESTS[name]}"
         return CoverageRow(name, module, True, lists, f"component ({components}); {BLOCK_COMPONENT}",
-                           f"`{spec.timestep_arg}`{scale}", tests)
+                           f"`{spec.timestep_arg}`{scale}", tests,
+                           stock_pipeline=PIPELINE_TESTS.get(name, "").split(" ", 1)[0])
     return CoverageRow(name, module, False, reason=NOT_SUPPORTED.get(name, ""))
 
 
@@ -127,10 +163,12 @@ def compact_markdown(rows: list[CoverageRow]) -> str:
     supported = [r for r in rows if r.supported]
     lines = [f"cachekit supports {len(supported)} of the {len(rows)} transformer classes of diffusers "
              f"{_diffusers_version()}, in both modes (cached components and whole-block residuals), each tested by "
-             "every technique on a tiny offline config. The full table, with the reason for each class it does not "
-             "support, is `cachekit models` and [docs/models.md](docs/models.md).", "",
-             "| class | cached components |", "|---|---|"]
-    lines += [f"| `{r.class_name}` | {r.components.removeprefix('component (').rsplit(');', 1)[0]} |" for r in supported]
+             "every technique on a tiny offline config and through its stock diffusers pipeline, built from tiny "
+             "components (steps tracked, CFG branches kept apart, caches freed). The full table, with the reason for "
+             "each class it does not support, is `cachekit models` and [docs/models.md](docs/models.md).", "",
+             "| class | cached components | stock pipeline tested |", "|---|---|---|"]
+    lines += [f"| `{r.class_name}` | {r.components.removeprefix('component (').rsplit(');', 1)[0]} | "
+              f"{r.stock_pipeline or '-'} |" for r in supported]
     return "\n".join(lines) + "\n"
 
 

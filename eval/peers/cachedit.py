@@ -25,7 +25,7 @@ def _adapter(transformer: nn.Module) -> tuple[Any, str]:
     model registry (block lists and what each block returns)."""
     from cache_dit import BlockAdapter, BlockAdapterRegister, ForwardPattern
 
-    adapter = BlockAdapterRegister.get_adapter(transformer)
+    adapter = _registered(BlockAdapterRegister.get_adapter, transformer)
     if adapter is not None:
         return adapter, "cache-dit's registered adapter, transformer-only"
     from cachekit.registry import UnsupportedModelError, spec_for
@@ -46,6 +46,15 @@ def _adapter(transformer: nn.Module) -> tuple[Any, str]:
         blocks_name=[g.attr for g in groups], forward_pattern=[patterns[g.residual_outputs] for g in groups],
         check_forward_pattern=False)  # the registry entry already says what the blocks return
     return adapter, "explicit BlockAdapter from cachekit's registry"
+
+
+def _registered(lookup: Any, pipe_or_module: Any) -> Any:
+    """A lookup in cache-dit's adapter registry; its strict class check (an assert: e.g. the legacy
+    `Transformer2DModel` inside a PixArt pipeline) means cache-dit cannot act here, not that the bench failed."""
+    try:
+        return lookup(pipe_or_module)
+    except AssertionError as e:
+        raise PeerCannotAct(f"cache-dit's registered adapter refuses it: {e}") from None
 
 
 def dbcache_blocks(depth: int) -> tuple[int, int]:
@@ -76,7 +85,7 @@ def _apply(peer: Any, pipe: Any, knob: float, call: PipelineCall, taylorseer: bo
     depth = min(len(b) for b in blocks)
     fn, bn = dbcache_blocks(depth)
     steps = call.num_inference_steps
-    separate_cfg = BlockAdapterRegister.has_separate_cfg(pipe)
+    separate_cfg = _registered(BlockAdapterRegister.has_separate_cfg, pipe)
     config = DBCacheConfig(
         Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=float(knob),
         max_warmup_steps=max(1, round(0.2 * steps)), max_continuous_cached_steps=3,
