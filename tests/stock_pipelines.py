@@ -54,6 +54,20 @@ def tiny_kl_vae(latent_channels: int = 4, **config) -> diffusers.AutoencoderKL:
         latent_channels=latent_channels, norm_num_groups=8, sample_size=16, **config).eval()
 
 
+def tiny_byt5(seed: int = 2):
+    """ByT5's byte tokenizer (it needs no vocabulary file) and a one-layer T5 encoder over it: the glyph-text
+    encoder of HunyuanImage and GLM-Image."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)).eval()
+    return tokenizer, text_encoder
+
+
 def tiny_wan_vae(z_dim: int = 4) -> diffusers.AutoencoderKLWan:
     """Wan's causal video VAE at its smallest (two stages, 4x in space and time; 1 + 4k frames of 16k px): Wan-family
     and Sana-Video pipelines decode with it. Its latent statistics are 0 / 1 over `z_dim` channels (the pipelines

@@ -7,7 +7,7 @@ import diffusers
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from stock_pipelines import StockCase, tiny_kl_vae
+from stock_pipelines import StockCase, tiny_byt5, tiny_kl_vae
 
 # A ChatML template as Qwen's tokenizers carry (enough of it for `apply_chat_template` in the prompt encoders).
 _CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -223,16 +223,9 @@ def tiny_hunyuanimage_pipeline():
     branch and step, named by `cache_context("pred_cond")` and `cache_context("pred_uncond")`. Guidance is not a call
     argument; a call routes to the `ocr_guider` instead when the glyph embedding is not all zeros, and that guider is
     disabled here, so a call given `prompt_embeds_2` runs without CFG (the case's `no_cfg`)."""
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
     tokenizer = _qwen_tokenizer()
     text_encoder = _tiny_qwen2_5_vl(tokenizer, num_layers=2)
-    tokenizer_2 = ByT5Tokenizer()
-    torch.manual_seed(2)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)).eval()
+    tokenizer_2, text_encoder_2 = tiny_byt5(seed=2)
     torch.manual_seed(0)
     transformer = diffusers.HunyuanImageTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,

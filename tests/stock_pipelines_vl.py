@@ -8,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from stock_pipelines import StockCase, tiny_kl_vae
+from stock_pipelines import StockCase, tiny_byt5, tiny_kl_vae
 from stock_pipelines_qwen import _qwen_tokenizer, _tiny_qwen_vae
 from stock_pipelines_t5 import tiny_cogvideox_pipeline
 
@@ -160,14 +160,7 @@ def tiny_glm_image_pipeline():
     size, so 258 generated tokens a call. The case passes `prior_token_ids` instead (as the call allows, a prior run
     outside the pipeline), so prior and processor are None. Its CFG is two unnamed transformer calls per step
     (conditional, then the prior tokens dropped and the empty glyph text); guidance is on for `guidance_scale > 1`."""
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    tokenizer = ByT5Tokenizer()
-    torch.manual_seed(2)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)).eval()
+    tokenizer, text_encoder = tiny_byt5(seed=2)
     torch.manual_seed(0)
     transformer = diffusers.GlmImageTransformer2DModel(
         patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,

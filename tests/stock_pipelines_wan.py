@@ -7,7 +7,7 @@ import diffusers
 import torch
 
 from stock_pipelines import StockCase, tiny_wan_vae
-from tiny_models import _WAN
+from tiny_models import _WAN, _tiny_gemma2
 
 
 def _tiny_umt5(model_max_length: int = 16, d_model: int = 16):
@@ -88,17 +88,8 @@ def tiny_sana_video_pipeline():
     latents; the pipeline wants multiples of 32), Sana's flow DPM-Solver scheduler. Resolution binning is off (its
     bins are for the full-size models). Its CFG is batched (negative rows first)."""
     from diffusers import DPMSolverMultistepScheduler, SanaVideoPipeline
-    from transformers import Gemma2Config, Gemma2Model
 
-    from cachekit.zoo._text import build_word_tokenizer
-
-    tokenizer = build_word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], eos="<eos>", pad="<pad>", unk="<unk>",
-                                     bos="<bos>", model_max_length=512)
-    torch.manual_seed(1)
-    text_encoder = Gemma2Model(Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    tokenizer, text_encoder = _tiny_gemma2(seed=1)
     torch.manual_seed(0)
     transformer = diffusers.SanaVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,

@@ -384,22 +384,29 @@ def tiny_sd3_pipeline():
     return pipe
 
 
-def tiny_sana_pipeline():
-    """A stock SanaPipeline from tiny configs: a one-layer Gemma2 text encoder over a word tokenizer, a two-block
-    Sana transformer on 16x16x4 latents (32 px: Sana wants multiples of 32), a two-stage DC autoencoder, and Sana's
-    flow DPM-Solver scheduler."""
-    from diffusers import AutoencoderDC, SanaPipeline
+def _tiny_gemma2(seed: int):
+    """A one-layer Gemma2 text encoder (what Sana and Sana-Video take) over a word tokenizer."""
     from transformers import Gemma2Config, Gemma2Model
 
     from cachekit.zoo._text import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], eos="<eos>", pad="<pad>", unk="<unk>",
                                      bos="<bos>", model_max_length=512)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     text_encoder = Gemma2Model(Gemma2Config(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    return tokenizer, text_encoder
+
+
+def tiny_sana_pipeline():
+    """A stock SanaPipeline from tiny configs: a one-layer Gemma2 text encoder over a word tokenizer, a two-block
+    Sana transformer on 16x16x4 latents (32 px: Sana wants multiples of 32), a two-stage DC autoencoder, and Sana's
+    flow DPM-Solver scheduler."""
+    from diffusers import AutoencoderDC, SanaPipeline
+
+    tokenizer, text_encoder = _tiny_gemma2(seed=1)
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
