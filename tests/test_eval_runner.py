@@ -89,15 +89,16 @@ def _cli_args(out) -> list[str]:
 
 
 def _launch(args: list[str], nproc: int) -> dict:
-    # torchrun gives each worker one thread; the single process gets the same, so both do identical arithmetic
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    """One process: the CLI in this one (its one intra-op thread, as torchrun gives each worker); more: accelerate's
+    torchrun launcher, which on a machine without GPUs runs gloo processes on the CPU."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "cachekit.eval", *args]
-    else:  # accelerate's torchrun launcher; on a machine without GPUs it runs gloo processes on the CPU
+        assert eval_main(args) == 0
+    else:
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cachekit.eval", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
     out = args[args.index("--out") + 1]
     with open(os.path.join(out, "report.json")) as f:
         return json.load(f)
