@@ -92,7 +92,7 @@ class _Compiled:
     """One plan at one step count, in the form the hooks consult at every component call."""
 
     __slots__ = ("plan", "mode", "table", "decider", "forecast", "forecast_table", "order", "observe", "keep",
-                 "keep_table")
+                 "keep_table", "computes_all")
 
     def __init__(self, plan: Any, num_steps: int) -> None:
         self.plan = plan
@@ -104,6 +104,9 @@ class _Compiled:
         self.keep_table: list | None = None
         self.decider: Callable[..., Any] | None = None
         self.order = 0
+        # computes_all[step]: every hooked module computes every row at `step` and nothing computed there is read
+        # later (None: not known ahead, decided per call). The hooks then run the stock forward at once.
+        self.computes_all: list[bool] | None = None
         if plan is None:
             return
         schedule_for = getattr(plan, "schedule_for", None)
@@ -130,6 +133,8 @@ class _Compiled:
             keep = torch.zeros_like(recompute)
             keep[:-1] = recompute[:-1] & ~recompute[1:]
             self.keep, self.keep_table = keep, keep.tolist()
+            steps = recompute.shape[0]
+            self.computes_all = (recompute.reshape(steps, -1).all(1) & ~keep.reshape(steps, -1).any(1)).tolist()
 
     def keeps(self, rows: StepRows, block: int, component: int) -> bool:
         """Whether the value computed for `rows` here is read at a later step of any of them (asked only for rows
@@ -421,7 +426,10 @@ class CacheSession:
     def begin(self, rows: StepRows) -> StepRows:
         """Start a forward: bind the rows to this session's request states, check their plans, drop stale caches."""
         rows = rows.for_forward(self.request_states)
-        self.groups_of(rows)
+        groups = self.groups_of(rows)
+        if len(groups) == 1 and rows.uniform_step is not None and not self.has_observers:
+            computes_all = groups[0].compiled.computes_all
+            rows.computes_all = computes_all is not None and computes_all[rows.uniform_step]
         starting = rows.starting()
         if starting:
             self.release(starting)  # leftovers of an interrupted generation under the same key
@@ -658,8 +666,11 @@ class _RowCachingHook(ModelHook):
         rows = session._rows.get()
         if rows is None:  # called outside a tracked transformer forward: behave like the stock module
             return _PASS_JOB
-        cache = self.cache
         batch = rows.batch_size
+        if rows.computes_all:  # decided for the whole forward when it began
+            session.stats.record(self.name, batch, 0)
+            return _PASS_JOB
+        cache = self.cache
         decision = session.decide(rows, self.block, self.component, self.mode)
         if isinstance(decision, bool):
             compute = None
@@ -820,8 +831,8 @@ class FeederSkipHook(ModelHook):
     def skips(self, args: tuple) -> bool:
         rows = self.session._rows.get()
         hook = self.component_hook
-        return rows is not None and bool(args) and self.session.reuses_all(rows, hook.block, hook.component,
-                                                                            hook.cache)
+        return (rows is not None and not rows.computes_all and bool(args)
+                and self.session.reuses_all(rows, hook.block, hook.component, hook.cache))
 
 
 class _FirstInputProbe(ModelHook):

@@ -45,7 +45,7 @@ class StepRows:
     """
 
     __slots__ = ("steps", "keys", "plans", "step_list", "step_counts", "num_steps", "uniform_step", "scratch",
-                 "_states", "groups")
+                 "_states", "groups", "computes_all")
 
     def __init__(self, steps: Any, keys: Sequence[Hashable], num_steps: int | Sequence[int] | torch.Tensor,
                  plans: Sequence[Any] | None = None) -> None:
@@ -80,6 +80,9 @@ class StepRows:
         self.scratch: dict[Any, Any] = {}
         self._states: dict[Hashable, dict[str, Any]] = {}
         self.groups: Any = None  # filled by the session: the plan groups of these rows
+        # set by the session when a forward starts: every hooked module computes every row and keeps nothing, known
+        # from static tables, so the hooks run the stock forward without deciding anything per call
+        self.computes_all = False
 
     @property
     def batch_size(self) -> int:
@@ -104,7 +107,7 @@ class StepRows:
         rows = StepRows.__new__(StepRows)
         for name in ("steps", "keys", "plans", "step_list", "step_counts", "num_steps", "uniform_step"):
             setattr(rows, name, getattr(self, name))
-        rows.scratch, rows._states, rows.groups = {}, states, None
+        rows.scratch, rows._states, rows.groups, rows.computes_all = {}, states, None, False
         return rows
 
     def subset(self, index: torch.Tensor | Sequence[int]) -> "StepRows":
@@ -119,7 +122,7 @@ class StepRows:
         counts = rows.step_counts
         rows.num_steps = counts[0] if counts and min(counts) == max(counts) else None
         rows.uniform_step = rows.step_list[0] if rows.step_list and min(rows.step_list) == max(rows.step_list) else None
-        rows.scratch, rows._states, rows.groups = self.scratch, self._states, None
+        rows.scratch, rows._states, rows.groups, rows.computes_all = self.scratch, self._states, None, False
         return rows
 
     def finishing(self) -> tuple[Hashable, ...]:

@@ -266,6 +266,38 @@ def test_static_plans_store_only_values_that_a_later_step_reads(mode):
     assert torch.equal(_run(model, tiny, reuse), _run(model, tiny, keep_all))
 
 
+@pytest.mark.parametrize("mode", ["component", "block"])
+def test_forwards_that_compute_everything_are_known_when_they_begin(mode):
+    """A step where every hook computes and nothing is kept for a later step is marked when its forward begins, so
+    the hooks run the stock forward without deciding per call; the counts and the output stay those of deciding."""
+    name = "PixArtTransformer2DModel"
+    tiny, model = TINY_MODELS[name], build(name)
+    full = cachekit.Schedule.full(model, NUM_STEPS, mode=mode)
+    mask = full.recompute.clone()
+    mask[3] = False  # step 3 reuses everything: step 2 keeps its values for it
+    reuse = cachekit.Schedule.from_mask(model, mask, mode=mode)
+    hooked = int(full.recompute[0].sum())
+    for plan, expected in ((full, [True] * NUM_STEPS), (reuse, [True, True, False, False, True, True])):
+        scheduler, marked = tiny.scheduler(), []
+        with cachekit.cached(model, plan, scheduler=scheduler):
+            session = session_of(model)
+            first_block = model.transformer_blocks[0]
+            probe = first_block.register_forward_pre_hook(
+                lambda module, args: marked.append(session.current_rows().computes_all))
+            try:
+                out = denoise(model, tiny, NUM_STEPS, scheduler=scheduler)
+            finally:
+                probe.remove()
+            stats = session.stats
+        assert marked == expected, (plan, marked)
+        if plan is full:
+            assert torch.equal(out, _run(model, tiny))
+            assert stats.reused == 0 and stats.computed == NUM_STEPS * hooked * 2
+        else:
+            assert stats.reused == hooked * 2
+            assert stats.computed == (NUM_STEPS - 1) * hooked * 2
+
+
 @pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "SanaTransformer2DModel", "WanTransformer3DModel"])
 def test_feeders_of_a_reused_component_are_skipped_and_change_nothing(name):
     """The registry's feeders (the norm in front of an attention or feed-forward) are skipped when every row
