@@ -112,7 +112,7 @@ def test_reusing_schedule_under_compile_equals_eager(name, mode):
                                        ("FluxTransformer2DModel", "regional"), ("WanTransformer3DModel", "full")])
 def test_compiles_are_bounded_independent_of_step_count(name, how):
     """The bound: a first generation compiles G graphs, and every later generation at the same shapes compiles none,
-    whatever its step count, seed or plan of the same mode (uncached, all-recompute or reusing). So G does not depend
+    whatever its step count, seed or plan of the same mode (all-recompute or reusing). So G does not depend
     on the step count: the graphs a first generation at 8 or 3 steps would compile are among those of 4 steps."""
     tiny, model = TINY_MODELS[name], build(name)
     cachekit.compile(model, how, backend="aot_eager")

@@ -276,7 +276,7 @@ def test_forwards_that_compute_everything_are_known_when_they_begin(mode):
     mask = full.recompute.clone()
     mask[3] = False  # step 3 reuses everything: step 2 keeps its values for it
     reuse = cachekit.Schedule.from_mask(model, mask, mode=mode)
-    hooked = int(full.recompute[0].sum())
+    hooked, batch = int(full.recompute[0].sum()), 2
     for plan, expected in ((full, [True] * NUM_STEPS), (reuse, [True, True, False, False, True, True])):
         scheduler, marked = tiny.scheduler(), []
         with cachekit.cached(model, plan, scheduler=scheduler):
@@ -285,17 +285,17 @@ def test_forwards_that_compute_everything_are_known_when_they_begin(mode):
             probe = first_block.register_forward_pre_hook(
                 lambda module, args: marked.append(session.current_rows().computes_all))
             try:
-                out = denoise(model, tiny, NUM_STEPS, scheduler=scheduler)
+                out = denoise(model, tiny, NUM_STEPS, batch=batch, scheduler=scheduler)
             finally:
                 probe.remove()
             stats = session.stats
         assert marked == expected, (plan, marked)
         if plan is full:
-            assert torch.equal(out, _run(model, tiny))
-            assert stats.reused == 0 and stats.computed == NUM_STEPS * hooked * 2
+            assert torch.equal(out, denoise(model, tiny, NUM_STEPS, batch=batch))
+            assert stats.reused == 0 and stats.computed == NUM_STEPS * hooked * batch
         else:
-            assert stats.reused == hooked * 2
-            assert stats.computed == (NUM_STEPS - 1) * hooked * 2
+            assert stats.reused == hooked * batch
+            assert stats.computed == (NUM_STEPS - 1) * hooked * batch
 
 
 @pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "SanaTransformer2DModel", "WanTransformer3DModel"])

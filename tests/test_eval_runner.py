@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -22,6 +20,7 @@ from cachekit.eval.runner import evaluate
 from cachekit.eval.suite import MetricConfig
 from cachekit.policies import static_schedule
 from cachekit.zoo import call_defaults, load_pipeline
+from launch import accelerate_launch
 
 STEPS = 4
 PIPE_KWARGS = call_defaults("digits")
@@ -89,16 +88,11 @@ def _cli_args(out) -> list[str]:
 
 
 def _launch(args: list[str], nproc: int) -> dict:
-    """One process: the CLI in this one (its one intra-op thread, as torchrun gives each worker); more: accelerate's
-    torchrun launcher, which on a machine without GPUs runs gloo processes on the CPU."""
+    """One process: the CLI in this one; more: under accelerate's launcher."""
     if nproc == 1:
         assert eval_main(args) == 0
     else:
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cachekit.eval", *args]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        accelerate_launch("cachekit.eval", args, nproc)
     out = args[args.index("--out") + 1]
     with open(os.path.join(out, "report.json")) as f:
         return json.load(f)
