@@ -813,20 +813,28 @@ class BlockResidualHook(_RowCachingHook):
 
 class FeederSkipHook(ModelHook):
     """On a module whose output only one component reads (the registry's `feeders`): when every row reuses that
-    component, return the input unchanged instead of computing. The value is never read, and the shape it keeps
-    lets the block's live modulation around it run as before."""
+    component, return (a view of) the input instead of computing. The value is never read; its shape only has to
+    let the block's live modulation between it and the component run. Where the registry says that modulation
+    broadcasts (`feeders_broadcast`), the view is one token per row, so the modulation costs one token too."""
 
-    def __init__(self, session: CacheSession, component_hook: ComponentCacheHook) -> None:
+    def __init__(self, session: CacheSession, component_hook: ComponentCacheHook, broadcast: bool = False) -> None:
         super().__init__()
         self.session = session
         self.component_hook = component_hook
+        self.broadcast = broadcast
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return _feeder_forward_under_compile(self, args, kwargs)
         if self.skips(args):
-            return args[0]
+            return self.placeholder(args[0])
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    def placeholder(self, hidden: Any) -> Any:
+        """What a skipped feeder returns: its input, cut to the first token where the modulation broadcasts."""
+        if self.broadcast and isinstance(hidden, torch.Tensor) and hidden.ndim >= 3:
+            return hidden[:, :1]
+        return hidden
 
     def skips(self, args: tuple) -> bool:
         rows = self.session._rows.get()
@@ -907,7 +915,7 @@ def _tracked_forward_under_compile(hook: StepTrackerHook, args: tuple, kwargs: d
 @eager_frame
 def _feeder_forward_under_compile(hook: FeederSkipHook, args: tuple, kwargs: dict) -> Any:
     if _eager(hook.skips, args):
-        return args[0]
+        return hook.placeholder(args[0])
     return hook.fn_ref.original_forward(*args, **kwargs)
 
 
@@ -945,7 +953,8 @@ def attach_hooks(transformer: nn.Module, session: CacheSession) -> None:
                     for feeder_name in ref.group.feeders_of(name):
                         feeder = getattr(ref.module, feeder_name, None)
                         if isinstance(feeder, nn.Module) and not isinstance(feeder, nn.Identity):
-                            hook_registry(feeder).register_hook(FeederSkipHook(session, hook), FEEDER_HOOK)
+                            skip = FeederSkipHook(session, hook, broadcast=ref.group.feeders_broadcast)
+                            hook_registry(feeder).register_hook(skip, FEEDER_HOOK)
     if getattr(session.plan, "needs_input_probe", False):
         attach_input_probe(transformer, session)
         session._probe_attached = True

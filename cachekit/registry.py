@@ -51,6 +51,10 @@ class BlockGroupSpec:
         feeders: per component, the block's sub-modules whose output only that component reads (the norm in front
             of an attention or feed-forward). When every row of a forward reuses the component, they are skipped
             too: on small token counts they are a large share of what a reused component still costs.
+        feeders_broadcast: the block only scales and shifts a feeder's output by per-row modulation (one value per
+            row and channel) before the component reads it, so a skipped feeder may return one token per row: the
+            modulation in front of a reused component then runs on one token instead of all of them. False where
+            the block reshapes that output by token count (Sana unflattens it into an image for its conv FFN).
     """
 
     attr: str
@@ -58,6 +62,7 @@ class BlockGroupSpec:
     residual_outputs: tuple[str, ...] = ("hidden_states",)
     cross_attention: tuple[str, ...] = ()
     feeders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    feeders_broadcast: bool = False
 
     def feeders_of(self, component: str) -> tuple[str, ...]:
         return next((modules for name, modules in self.feeders if name == component), ())
@@ -197,7 +202,7 @@ def _flux_like(name: str, single_outputs: tuple[str, ...] = _JOINT_STREAM, *, do
 def _wan_like(name: str, *, feeders: bool = False) -> ModelSpec:
     """A Wan-shaped model: self-attention, text cross-attention and feed-forward per block."""
     return ModelSpec(name, (BlockGroupSpec("blocks", _WAN_COMPONENTS, cross_attention=("attn2",),
-                                           feeders=_WAN_FEEDERS if feeders else ()),))
+                                           feeders=_WAN_FEEDERS if feeders else (), feeders_broadcast=feeders),))
 
 
 def _cross_dit(name: str, attr: str = "transformer_blocks") -> ModelSpec:
@@ -210,7 +215,7 @@ for _spec in (
         "PixArtTransformer2DModel",
         # ada_norm_single blocks: norm1 -> modulation -> attn1; attn2 reads the residual stream; norm2 -> ff
         (BlockGroupSpec("transformer_blocks", ("attn1", "attn2", "ff"), cross_attention=("attn2",),
-                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",)))),),
+                        feeders=(("attn1", ("norm1",)), ("ff", ("norm2",))), feeders_broadcast=True),),
     ),
     ModelSpec(
         "DiTTransformer2DModel",

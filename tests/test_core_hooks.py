@@ -329,21 +329,55 @@ def test_feeders_of_a_reused_component_are_skipped_and_change_nothing(name):
     assert torch.equal(_run(model, tiny), _run(build(name), tiny))
 
 
-def _count_layer_norms(fn):
-    """`fn()` and how many layer norms it ran (counted at the torch function level, where a skipped module is not)."""
+@pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "WanTransformer3DModel"])
+def test_skipped_feeders_shrink_the_modulation_in_front_of_a_reused_component(name):
+    """Where the registry says the modulation after a feeder broadcasts, a skipped feeder hands on one token per row:
+    the block's live modulation then runs on that token alone, and the output is still exact."""
+    from dataclasses import replace
+
+    from cachekit.registry import register_model, spec_for
+
+    tiny = TINY_MODELS[name]
+    model = build(name)
+    spec = spec_for(model)
+    assert all(group.feeders_broadcast for group in spec.groups if group.feeders)
+    whole = type(f"WholeFeeders{name}", (type(model),), {})  # the same model, its skipped feeders passing every token
+    register_model(replace(spec, class_name=whole.__name__,
+                           groups=tuple(replace(g, feeders_broadcast=False) for g in spec.groups)), overwrite=True)
+    plain = whole.from_config(model.config).eval()
+    plain.load_state_dict(model.state_dict())
+
+    full = cachekit.Schedule.full(model, NUM_STEPS, mode="component")
+    mask = torch.zeros_like(full.recompute)
+    mask[::2] = True
+    one_token, norms, fewer = _count_layer_norms(
+        lambda: _run(model, tiny, cachekit.Schedule.from_mask(model, mask)), with_elements=True)
+    every_token, same_norms, more = _count_layer_norms(
+        lambda: _run(plain, tiny, cachekit.Schedule.from_mask(plain, mask)), with_elements=True)
+    assert torch.equal(one_token, every_token)
+    assert norms == same_norms and fewer < more
+
+
+def _count_layer_norms(fn, *, with_elements: bool = False):
+    """`fn()` and how many layer norms it ran (counted at the torch function level, where a skipped module is not);
+    with `with_elements`, also how many tensor elements all its torch functions produced."""
     from torch.overrides import TorchFunctionMode
 
     class Count(TorchFunctionMode):
         calls = 0
+        elements = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if func is torch.nn.functional.layer_norm:
                 Count.calls += 1
-            return func(*args, **(kwargs or {}))
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor):
+                Count.elements += result.numel()
+            return result
 
     with Count():
         out = fn()
-    return out, Count.calls
+    return (out, Count.calls, Count.elements) if with_elements else (out, Count.calls)
 
 
 @pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "FluxTransformer2DModel"])
