@@ -100,7 +100,6 @@ def main() -> None:
         """Median over rounds of the stock time over `name`'s time in the same round."""
         return statistics.median(s / t for s, t in zip(times["stock"], times[name]))
 
-    stock = statistics.median(times["stock"])
     results = {"model": args.model, "num_images": args.num_images, "steps": args.steps, "repeats": args.repeats,
                "threads": torch.get_num_threads(), "rows": {}}
     print(f"{args.num_images} images x {args.steps} steps, median of {args.repeats} (torch threads: "

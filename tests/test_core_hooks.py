@@ -319,8 +319,9 @@ def test_feeders_of_a_reused_component_are_skipped_and_change_nothing(name):
     full = cachekit.Schedule.full(model, NUM_STEPS, mode="component")
     mask = torch.zeros_like(full.recompute)
     mask[::2] = True  # every other step reuses every component
-    skipped, skipped_norms = _count_layer_norms(lambda: _run(model, tiny, cachekit.Schedule.from_mask(model, mask)))
-    computed, computed_norms = _count_layer_norms(lambda: _run(plain, tiny, cachekit.Schedule.from_mask(plain, mask)))
+    skipped, skipped_norms, _ = _count_layer_norms(lambda: _run(model, tiny, cachekit.Schedule.from_mask(model, mask)))
+    computed, computed_norms, _ = _count_layer_norms(
+        lambda: _run(plain, tiny, cachekit.Schedule.from_mask(plain, mask)))
     assert torch.equal(skipped, computed)
     feeders = sum(1 for group in spec.groups for block in getattr(model, group.attr) for _, names in group.feeders
                   for n in names if not isinstance(getattr(block, n, None), (type(None), torch.nn.Identity)))
@@ -350,17 +351,16 @@ def test_skipped_feeders_shrink_the_modulation_in_front_of_a_reused_component(na
     full = cachekit.Schedule.full(model, NUM_STEPS, mode="component")
     mask = torch.zeros_like(full.recompute)
     mask[::2] = True
-    one_token, norms, fewer = _count_layer_norms(
-        lambda: _run(model, tiny, cachekit.Schedule.from_mask(model, mask)), with_elements=True)
+    one_token, norms, fewer = _count_layer_norms(lambda: _run(model, tiny, cachekit.Schedule.from_mask(model, mask)))
     every_token, same_norms, more = _count_layer_norms(
-        lambda: _run(plain, tiny, cachekit.Schedule.from_mask(plain, mask)), with_elements=True)
+        lambda: _run(plain, tiny, cachekit.Schedule.from_mask(plain, mask)))
     assert torch.equal(one_token, every_token)
     assert norms == same_norms and fewer < more
 
 
-def _count_layer_norms(fn, *, with_elements: bool = False):
-    """`fn()` and how many layer norms it ran (counted at the torch function level, where a skipped module is not);
-    with `with_elements`, also how many tensor elements all its torch functions produced."""
+def _count_layer_norms(fn):
+    """`fn()`, how many layer norms it ran (counted at the torch function level, where a skipped module is not) and
+    how many tensor elements all its torch functions produced."""
     from torch.overrides import TorchFunctionMode
 
     class Count(TorchFunctionMode):
@@ -377,7 +377,7 @@ def _count_layer_norms(fn, *, with_elements: bool = False):
 
     with Count():
         out = fn()
-    return (out, Count.calls, Count.elements) if with_elements else (out, Count.calls)
+    return out, Count.calls, Count.elements
 
 
 @pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "FluxTransformer2DModel"])
