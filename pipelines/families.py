@@ -64,8 +64,10 @@ class PipelineFamily(Protocol):
         """Embeddings of distinct texts, in one text-encoder call. `negative=True` (asked only of a family with
         `negatives_apart`) encodes them as the stock call encodes negative prompts."""
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
-        """The request's starting noise, drawn exactly as the stock pipeline draws it for a batch of one."""
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+                        device: torch.device) -> torch.Tensor:
+        """The request's starting noise, drawn exactly as the stock pipeline draws it for a batch of one, on `device`
+        (the pipeline's execution device, which the caller resolves once: diffusers walks every module to find it)."""
 
     def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
         """A request's own scheduler, its timesteps set as the stock call sets them (shift `mu`, sigmas)."""
@@ -225,9 +227,10 @@ class PixArtFamily(StockFamily):
             clean_caption=settings["clean_caption"], max_sequence_length=settings["max_sequence_length"])
         return [TextConditioning(embeds[i : i + 1], mask[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+                        device: torch.device) -> torch.Tensor:
         return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    pipe.transformer.dtype, execution_device(pipe), generator)
+                                    pipe.transformer.dtype, device, generator)
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
@@ -273,10 +276,11 @@ class StableDiffusion3Family(_FlowMatching, StockFamily):
             device=execution_device(pipe), max_sequence_length=settings["max_sequence_length"])
         return [TextConditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+                        device: torch.device) -> torch.Tensor:
         encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer
         return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    encoder.dtype, execution_device(pipe), generator)
+                                    encoder.dtype, device, generator)
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
@@ -343,9 +347,10 @@ class SanaFamily(_FlowMatching, StockFamily):
                 complex_human_instruction=list(settings["complex_human_instruction"]))
         return [TextConditioning(embeds[i : i + 1], mask[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+                        device: torch.device) -> torch.Tensor:
         return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    torch.float32, execution_device(pipe), generator)
+                                    torch.float32, device, generator)
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
@@ -401,10 +406,11 @@ class FluxFamily(_FlowMatching, StockFamily):
                                                max_sequence_length=settings["max_sequence_length"])
         return [TextConditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+                        device: torch.device) -> torch.Tensor:
         dtype = pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.transformer.dtype
         packed, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, settings["height"],
-                                         settings["width"], dtype, execution_device(pipe), generator)
+                                         settings["width"], dtype, device, generator)
         return flux_unpack_latents(pipe, packed, settings["height"], settings["width"])
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
@@ -475,15 +481,17 @@ class WanFamily(_FlowMatching, StockFamily):
         embeds = embeds.to(pipe.transformer.dtype)
         return [TextConditioning(embeds[i : i + 1], None) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+                        device: torch.device) -> torch.Tensor:
         return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    settings["num_frames"], torch.float32, execution_device(pipe), generator)
+                                    settings["num_frames"], torch.float32, device, generator)
 
-    def latent_frame(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any]) -> torch.Tensor:
+    def latent_frame(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+                     device: torch.device) -> torch.Tensor:
         """One latent frame of noise `[1, C, 1, h, w]` (a stream's newest frame), from the stream's generator."""
         shape = (1, pipe.transformer.config.in_channels, 1, settings["height"] // pipe.vae_scale_factor_spatial,
                  settings["width"] // pipe.vae_scale_factor_spatial)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(execution_device(pipe))
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
     def tokens_per_frame(self, pipe: Any, settings: dict[str, Any]) -> int:
         _, p_h, p_w = pipe.transformer.config.patch_size

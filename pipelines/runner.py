@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 import cachekit
+from cachekit.compat import execution_device
 from cachekit.errors import UsageError
 from cachekit.plans import PlanError, plan_label, resolve_plan
 from cachekit.schedule import Schedule
@@ -187,6 +188,7 @@ class Runner:
         self.tiers: tuple[Any, ...] = tuple(asked) if asked is not None else DEFAULT_TIERS.get(bundled or "", ())
         self._tier_costs = [self._plan_cost(resolve_plan(t), self._steps_of(t)) for t in self.tiers]
         cachekit.enable(pipe, None)
+        self.device = execution_device(pipe)  # resolved once: diffusers walks every module for it
 
     # ------------------------------------------------------------------ public API
     def submit(
@@ -431,9 +433,7 @@ class Runner:
     # ------------------------------------------------------------------ the loop
     def _configure_threads(self) -> None:
         """Pick the loop thread's torch thread count on CPU (see `cpu_threads`)."""
-        from cachekit.compat import execution_device
-
-        if execution_device(self.pipe).type != "cpu" or self._cpu_threads is None:
+        if self.device.type != "cpu" or self._cpu_threads is None:
             return
         if isinstance(self._cpu_threads, int):
             torch.set_num_threads(self._cpu_threads)
@@ -449,7 +449,7 @@ class Runner:
         with torch.no_grad():
             text = self.family.encode(self.pipe, [""], settings)[0]
             latents = torch.cat([self.family.initial_latents(self.pipe, torch.Generator("cpu").manual_seed(i),
-                                                             settings) for i in range(self.max_batch)])
+                                                             settings, self.device) for i in range(self.max_batch)])
             timesteps = torch.full((self.max_batch,), 500, dtype=torch.long)
             keys = [("cachekit-probe", i) for i in range(self.max_batch)]
             best = float("inf")
@@ -575,7 +575,8 @@ class Runner:
             request.admitted = now
             request.generator = torch.Generator("cpu").manual_seed(request.seed)
             with torch.no_grad():
-                request.latents = self.family.initial_latents(self.pipe, request.generator, request.settings)
+                request.latents = self.family.initial_latents(self.pipe, request.generator, request.settings,
+                                                              self.device)
             request.scheduler = self.family.scheduler(self.pipe, request.num_inference_steps, request.settings,
                                                       request.latents.device)
             request.extra_step_kwargs = self.family.extra_step_kwargs(self.pipe, request.generator)

@@ -122,7 +122,7 @@ class VideoStream:
         self._device = execution_device(pipe)
         self._generator = torch.Generator("cpu").manual_seed(seed)
         first = family.initial_latents(pipe, self._generator, {**self.settings,
-                                                                "num_frames": 1 + self._temporal * (window - 1)})
+                                                                "num_frames": 1 + self._temporal * (window - 1)}, self._device)
         self._window: list[_LatentFrame] = []
         self._joined = 0
         for j in range(window):
@@ -229,7 +229,7 @@ class VideoStream:
             frames[:] = [f for f in frames if not f.anchor and f is not oldest]
             frames.insert(0, self._anchor(last_pixels, oldest.scheduler))
             if len(frames) < self.window:  # the first frame's slot becomes the anchor's; after it, fresh noise joins
-                frames.append(self._new_frame(self.family.latent_frame(self.pipe, self._generator, self.settings),
+                frames.append(self._new_frame(self.family.latent_frame(self.pipe, self._generator, self.settings, self._device),
                                               wait=0))
         if self._latent_total is not None and self.latent_frames_out >= self._latent_total:
             self._finish()
