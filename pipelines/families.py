@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from cachekit.compat import (execution_device, flux_latent_image_ids, flux_pack_latents, flux_unpack_latents,
+from cachekit.compat import (flux_latent_image_ids, flux_pack_latents, flux_unpack_latents,
                              sana_negative_embeds)
 from cachekit.errors import UsageError
 
@@ -59,15 +59,17 @@ class PipelineFamily(Protocol):
     def text_key(self, settings: dict[str, Any]) -> tuple:
         """The settings that change a text's embeddings (the prompt LRU's key, besides the text)."""
 
-    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any], device: torch.device,
                negative: bool = False) -> list[TextConditioning]:
         """Embeddings of distinct texts, in one text-encoder call. `negative=True` (asked only of a family with
         `negatives_apart`) encodes them as the stock call encodes negative prompts."""
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+    def initial_latents(self, pipe: Any, generators: Sequence[torch.Generator], settings: dict[str, Any],
                         device: torch.device) -> torch.Tensor:
-        """The request's starting noise, drawn exactly as the stock pipeline draws it for a batch of one, on `device`
-        (the pipeline's execution device, which the caller resolves once: diffusers walks every module to find it)."""
+        """The starting noise of one request per generator, in one call: row i exactly as the stock pipeline draws
+        it for a batch of one from generator i (diffusers draws a generator list row by row). On `device`, the
+        pipeline's execution device, which the caller resolves once: diffusers walks every module to find it, and
+        reads the dtype by walking parameters, so a call per request cost milliseconds each."""
 
     def scheduler(self, pipe: Any, num_steps: int, settings: dict[str, Any], device: torch.device) -> Any:
         """A request's own scheduler, its timesteps set as the stock call sets them (shift `mu`, sigmas)."""
@@ -221,16 +223,17 @@ class PixArtFamily(StockFamily):
     def extra_step_kwargs(self, pipe: Any, generator: torch.Generator) -> dict[str, Any]:
         return pipe.prepare_extra_step_kwargs(generator, 0.0)
 
-    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+               device: torch.device) -> list[TextConditioning]:
         embeds, mask, _, _ = pipe.encode_prompt(
-            list(texts), do_classifier_free_guidance=False, device=execution_device(pipe),
+            list(texts), do_classifier_free_guidance=False, device=device,
             clean_caption=settings["clean_caption"], max_sequence_length=settings["max_sequence_length"])
         return [TextConditioning(embeds[i : i + 1], mask[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+    def initial_latents(self, pipe: Any, generators: Sequence[torch.Generator], settings: dict[str, Any],
                         device: torch.device) -> torch.Tensor:
-        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    pipe.transformer.dtype, device, generator)
+        return pipe.prepare_latents(len(generators), pipe.transformer.config.in_channels, settings["height"],
+                                    settings["width"], pipe.transformer.dtype, device, list(generators))
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
@@ -269,18 +272,19 @@ class StableDiffusion3Family(_FlowMatching, StockFamily):
         height, width = _resolution(pipe, merged, pipe.default_sample_size * pipe.vae_scale_factor)
         return {"height": height, "width": width, "max_sequence_length": int(merged.get("max_sequence_length", 256))}
 
-    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+               device: torch.device) -> list[TextConditioning]:
         # a negative prompt is encoded like a positive one in the stock call (clip_skip None)
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=list(texts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            device=execution_device(pipe), max_sequence_length=settings["max_sequence_length"])
+            device=device, max_sequence_length=settings["max_sequence_length"])
         return [TextConditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+    def initial_latents(self, pipe: Any, generators: Sequence[torch.Generator], settings: dict[str, Any],
                         device: torch.device) -> torch.Tensor:
         encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer
-        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    encoder.dtype, device, generator)
+        return pipe.prepare_latents(len(generators), pipe.transformer.config.in_channels, settings["height"],
+                                    settings["width"], encoder.dtype, device, list(generators))
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
@@ -335,22 +339,22 @@ class SanaFamily(_FlowMatching, StockFamily):
     def model_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return latents  # the stock loop does not scale the model input
 
-    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any], device: torch.device,
                negative: bool = False) -> list[TextConditioning]:
         if negative:  # what encode_prompt does for the negative prompt: no instruction, no index selection
             embeds, mask = sana_negative_embeds(pipe, list(texts), clean_caption=settings["clean_caption"],
                                                 max_sequence_length=settings["max_sequence_length"])
         else:
             embeds, mask, _, _ = pipe.encode_prompt(
-                list(texts), do_classifier_free_guidance=False, device=execution_device(pipe),
+                list(texts), do_classifier_free_guidance=False, device=device,
                 clean_caption=settings["clean_caption"], max_sequence_length=settings["max_sequence_length"],
                 complex_human_instruction=list(settings["complex_human_instruction"]))
         return [TextConditioning(embeds[i : i + 1], mask[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+    def initial_latents(self, pipe: Any, generators: Sequence[torch.Generator], settings: dict[str, Any],
                         device: torch.device) -> torch.Tensor:
-        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    torch.float32, device, generator)
+        return pipe.prepare_latents(len(generators), pipe.transformer.config.in_channels, settings["height"],
+                                    settings["width"], torch.float32, device, list(generators))
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
                 texts: Sequence[TextConditioning], settings: dict[str, Any]) -> torch.Tensor:
@@ -401,16 +405,17 @@ class FluxFamily(_FlowMatching, StockFamily):
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)  # as the stock call passes them to retrieve_timesteps
         return fresh_scheduler(pipe.scheduler, None, device, sigmas=sigmas, mu=mu)
 
-    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
-        embeds, pooled, _ = pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=execution_device(pipe),
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+               device: torch.device) -> list[TextConditioning]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device,
                                                max_sequence_length=settings["max_sequence_length"])
         return [TextConditioning(embeds[i : i + 1], None, pooled[i : i + 1]) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+    def initial_latents(self, pipe: Any, generators: Sequence[torch.Generator], settings: dict[str, Any],
                         device: torch.device) -> torch.Tensor:
         dtype = pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.transformer.dtype
-        packed, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, settings["height"],
-                                         settings["width"], dtype, device, generator)
+        packed, _ = pipe.prepare_latents(len(generators), pipe.transformer.config.in_channels // 4,
+                                         settings["height"], settings["width"], dtype, device, list(generators))
         return flux_unpack_latents(pipe, packed, settings["height"], settings["width"])
 
     def forward(self, pipe: Any, latents: torch.Tensor, timesteps: torch.Tensor,
@@ -475,16 +480,18 @@ class WanFamily(_FlowMatching, StockFamily):
     def model_input(self, scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return latents  # the stock loop does not scale the model input
 
-    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any]) -> list[TextConditioning]:
-        embeds, _ = pipe.encode_prompt(list(texts), do_classifier_free_guidance=False, device=execution_device(pipe),
+    def encode(self, pipe: Any, texts: Sequence[str], settings: dict[str, Any],
+               device: torch.device) -> list[TextConditioning]:
+        embeds, _ = pipe.encode_prompt(list(texts), do_classifier_free_guidance=False, device=device,
                                        max_sequence_length=settings["max_sequence_length"])
         embeds = embeds.to(pipe.transformer.dtype)
         return [TextConditioning(embeds[i : i + 1], None) for i in range(len(texts))]
 
-    def initial_latents(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
+    def initial_latents(self, pipe: Any, generators: Sequence[torch.Generator], settings: dict[str, Any],
                         device: torch.device) -> torch.Tensor:
-        return pipe.prepare_latents(1, pipe.transformer.config.in_channels, settings["height"], settings["width"],
-                                    settings["num_frames"], torch.float32, device, generator)
+        return pipe.prepare_latents(len(generators), pipe.transformer.config.in_channels, settings["height"],
+                                    settings["width"], settings["num_frames"], torch.float32, device,
+                                    list(generators))
 
     def latent_frame(self, pipe: Any, generator: torch.Generator, settings: dict[str, Any],
                      device: torch.device) -> torch.Tensor:

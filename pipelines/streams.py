@@ -77,7 +77,7 @@ class ImageStream:
         self._sqrt_one_minus = (1 - alphas).sqrt()
         self.settings = runner.family.settings(pipe, {})
         device = execution_device(pipe)
-        shape = runner.family.initial_latents(pipe, torch.Generator("cpu").manual_seed(seed), self.settings,
+        shape = runner.family.initial_latents(pipe, [torch.Generator("cpu").manual_seed(seed)], self.settings,
                                               device).shape
         generator = torch.Generator("cpu").manual_seed(seed)
         self._stage_noise = [torch.randn(shape, generator=generator).to(device) for _ in self.timesteps]

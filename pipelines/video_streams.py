@@ -121,7 +121,7 @@ class VideoStream:
         self._latent_total = None if num_frames is None else latent_frames_for(num_frames, self._temporal)
         self._device = execution_device(pipe)
         self._generator = torch.Generator("cpu").manual_seed(seed)
-        first = family.initial_latents(pipe, self._generator, {**self.settings,
+        first = family.initial_latents(pipe, [self._generator], {**self.settings,
                                                                 "num_frames": 1 + self._temporal * (window - 1)}, self._device)
         self._window: list[_LatentFrame] = []
         self._joined = 0
