@@ -193,14 +193,11 @@ class ActiveRequest:
     first_step: float | None = None
     cancel_reason: str | None = None
     # filled on admission
-    scheduler: Any = None
-    latents: torch.Tensor | None = None
+    cohort: Any = None  # the `Cohort` that steps this request's latents with its lockstep batch-mates'
+    latents: torch.Tensor | None = None  # this request's row of the cohort's latents
     generator: torch.Generator | None = None
-    extra_step_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     texts: tuple = ()  # (negative, positive) or (positive,)
     step: int = 0
-    rows_computed: int = 0
-    rows_total: int = 0
 
     @property
     def cfg(self) -> bool:

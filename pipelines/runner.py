@@ -39,6 +39,7 @@ from cachekit.errors import UsageError
 from cachekit.plans import PlanError, plan_label, resolve_plan
 from cachekit.schedule import Schedule
 
+from .cohorts import Cohort
 from .families import PipelineFamily, TextConditioning, family_of, stock_default
 from .metrics import RunnerMetrics
 from .requests import ActiveRequest, RequestHandle, ServedRequest, new_request_id
@@ -419,6 +420,7 @@ class Runner:
     def _drop(self, request: ActiveRequest, error: BaseException | None, why: str = "") -> None:
         """Take a request out of the batch now and free its rows' caches; its batch-mates go on."""
         self._active.remove(request)
+        request.cohort.leave(request)
         cachekit.release(self.pipe, request.keys)
         self._report_held()
         if error is None:
@@ -574,20 +576,24 @@ class Runner:
                 request.texts = ((negatives[request.negative_prompt], positives[request.prompt]) if request.cfg
                                  else (positives[request.prompt],))
                 request.generator = torch.Generator("cpu").manual_seed(request.seed)
-            with torch.no_grad():
-                latents = self.family.initial_latents(self.pipe, [r.generator for r in requests], settings,
-                                                      self.device)
-            for request, noise in zip(requests, latents.split(1)):
-                request.latents = noise
+            lockstep: dict[tuple, list[ActiveRequest]] = collections.defaultdict(list)
+            for request in requests:
+                lockstep[(request.num_inference_steps, request.num_rows)].append(request)
+            for members in lockstep.values():
+                with torch.no_grad():
+                    latents = self.family.initial_latents(self.pipe, [r.generator for r in members], settings,
+                                                          self.device)
+                cohort = Cohort(members, self._fresh_scheduler(members[0]), latents,
+                                self.family.extra_step_kwargs(self.pipe, members[0].generator))
+                for request in members:
+                    request.cohort = cohort
         for request in admitted:
             request.admitted = now
-            request.scheduler = self._fresh_scheduler(request)
-            request.extra_step_kwargs = self.family.extra_step_kwargs(self.pipe, request.generator)
             request.handle._emit({"type": "started", "request_id": request.handle.id,
                                   "queue_wait_s": now - request.submitted})
 
     def _fresh_scheduler(self, request: ActiveRequest) -> Any:
-        """The request's own scheduler: a copy of one built per step count and group, 5x cheaper than building it
+        """A cohort's own scheduler: a copy of one built per step count and group, 5x cheaper than building it
         (the family builds from the pipeline's config and sets the timesteps, which depend only on the step count
         and the latent shape the group fixes)."""
         key = (request.num_inference_steps, request.group)
@@ -754,7 +760,7 @@ class Runner:
         except Exception:  # noqa: BLE001 - find who broke it: each request alone, so only the broken ones fail
             logger.exception("a transformer forward of %d requests failed; retrying them one by one", len(batch))
             predictions = self._forward_each(batch)
-            batch = [r for r in batch if r in predictions]
+            batch = [r for _, members, _ in predictions for r in members]
             if not batch:
                 return
         elapsed = time.perf_counter() - started
@@ -765,56 +771,79 @@ class Runner:
 
         now = time.monotonic()
         finished: list[ActiveRequest] = []
-        for request in batch:
+        for cohort, members, prediction in predictions:
             try:
-                self._step(request, predictions[request], now)
-            except Exception as err:  # noqa: BLE001 - this request's own step failed: it alone fails
-                self._drop(request, err)
+                guided = cohort.guide(members, prediction)
+                timestep = cohort.timestep
+                with torch.no_grad():
+                    cohort.advance(members, guided)
+            except Exception as err:  # noqa: BLE001 - the cohort's shared step failed: its members fail
+                for request in members:
+                    self._drop(request, err)
                 continue
-            if request.step == request.num_inference_steps:
-                finished.append(request)
+            for request, row in zip(members, guided.split(1)):
+                try:
+                    self._stepped(request, row, timestep, now)
+                except Exception as err:  # noqa: BLE001 - this request's own callback failed: it alone fails
+                    self._drop(request, err)
+                    continue
+                if request.step == request.num_inference_steps:
+                    finished.append(request)
         if finished:
             self._finish(finished)
 
-    def _forward(self, batch: list[ActiveRequest]) -> dict[ActiveRequest, torch.Tensor]:
-        """One transformer forward over every row of `batch`; each request's rows of the prediction."""
+    def _forward(self, batch: list[ActiveRequest]) -> list[tuple[Cohort, list[ActiveRequest], torch.Tensor]]:
+        """One transformer forward over every row of `batch`: per cohort, its members here and their rows."""
+        present = {id(r) for r in batch}
+        cohorts = list({id(r.cohort): r.cohort for r in batch}.values())
+        segments = [(cohort, [m for m in cohort.live if id(m) in present]) for cohort in cohorts]
         inputs, timesteps, texts, steps, keys, counts, plans = [], [], [], [], [], [], []
-        for request in batch:
-            t = request.scheduler.timesteps[request.step]
-            doubled = torch.cat([request.latents] * request.num_rows)
-            inputs.append(self.family.model_input(request.scheduler, doubled, t))
-            timesteps.append(t.reshape(1).expand(request.num_rows))
-            texts.extend(request.texts)
-            steps.extend([request.step] * request.num_rows)
-            keys.extend(request.keys)
-            counts.extend([request.num_inference_steps] * request.num_rows)
-            plans.extend([request.plan] * request.num_rows)
+        for cohort, members in segments:
+            inputs.append(cohort.model_input(self.family, members))
+            rows = len(members) * cohort.num_rows
+            timesteps.append(cohort.timestep.reshape(1).expand(rows))
+            for request in members:
+                texts.extend(request.texts)
+                keys.extend(request.keys)
+                plans.extend([request.plan] * request.num_rows)
+            steps.extend([cohort.step] * rows)
+            counts.extend([members[0].num_inference_steps] * rows)
         extra = {}
         if not getattr(self.family, "cfg_rows", True):  # guidance-distilled: each row's scale goes in the forward
-            extra["guidance"] = [r.guidance_scale for r in batch for _ in range(r.num_rows)]
+            extra["guidance"] = [r.guidance_scale for _, members in segments for r in members]
         with torch.no_grad(), cachekit.rows(self.pipe, steps, keys, counts, plans):
             prediction = self.family.forward(self.pipe, torch.cat(inputs), torch.cat(timesteps), texts,
                                              batch[0].settings, **extra)
-        by_request, offset = {}, 0
-        for request in batch:
-            by_request[request] = prediction[offset : offset + request.num_rows]
-            offset += request.num_rows
-        return by_request
+        out, offset = [], 0
+        for cohort, members in segments:
+            rows = len(members) * cohort.num_rows
+            out.append((cohort, members, prediction[offset : offset + rows]))
+            offset += rows
+        return out
 
-    def _forward_each(self, batch: list[ActiveRequest]) -> dict[ActiveRequest, torch.Tensor]:
+    def _forward_each(self, batch: list[ActiveRequest]) -> list[tuple[Cohort, list[ActiveRequest], torch.Tensor]]:
         """After a failed forward: every request alone. One that fails alone is dropped; the rest go on.
 
         The failed forward may have stored some blocks' outputs for this step; the solo forwards run the same step
         and store them again, so nothing of the failed attempt survives into a result.
         """
-        predictions: dict[ActiveRequest, torch.Tensor] = {}
+        survivors: dict[int, list[tuple[ActiveRequest, torch.Tensor]]] = collections.defaultdict(list)
         for request in batch:
             try:
-                predictions.update(self._forward([request]))
+                [(_, _, rows)] = self._forward([request])
             except Exception as err:  # noqa: BLE001 - this request's forward fails on its own: it alone fails
                 logger.exception("request %s failed in its transformer forward", request.handle.id)
                 self._drop(request, err)
-        return predictions
+                continue
+            survivors[id(request.cohort)].append((request, rows))
+        out = []
+        for pairs in survivors.values():
+            cohort = pairs[0][0].cohort
+            alive = {id(r) for r, _ in pairs}
+            order = [m for m in cohort.live if id(m) in alive]
+            rows_of = {id(r): rows for r, rows in pairs}
+            out.append((cohort, order, torch.cat([rows_of[id(m)] for m in order])))
+        return out
 
     def _learn_rates(self, batch: list[ActiveRequest], elapsed: float) -> None:
         cost = sum(r.cost / r.num_inference_steps for r in batch)
@@ -826,14 +855,8 @@ class Runner:
             if rows:
                 self._bytes_per_row = max(self._bytes_per_row, held / rows)
 
-    def _step(self, request: ActiveRequest, prediction: torch.Tensor, now: float) -> None:
-        if request.cfg:
-            uncond, cond = prediction.chunk(2)
-            prediction = uncond + request.guidance_scale * (cond - uncond)
-        t = request.scheduler.timesteps[request.step]
-        with torch.no_grad():
-            request.latents = request.scheduler.step(prediction, t, request.latents, **request.extra_step_kwargs,
-                                                     return_dict=False)[0]
+    def _stepped(self, request: ActiveRequest, prediction: torch.Tensor, t: torch.Tensor, now: float) -> None:
+        """A request's bookkeeping after its cohort stepped: timing, its step event (and preview), its callback."""
         if request.first_step is None:
             request.first_step = now
         request.step += 1
@@ -848,7 +871,7 @@ class Runner:
     def _preview(self, request: ActiveRequest, noise: torch.Tensor, t: torch.Tensor) -> Any:
         """The current x0 prediction, decoded: what the image is becoming."""
         with torch.no_grad():
-            x0 = self.family.x0(request.scheduler, request.latents, noise, t)
+            x0 = self.family.x0(request.cohort.scheduler, request.latents, noise, t)
             return None if x0 is None else self.family.decode(self.pipe, x0)[0]
 
     def _finish(self, finished: list[ActiveRequest]) -> None:

@@ -103,6 +103,45 @@ def test_same_prompt_and_seed_under_different_plans_get_their_own_images(runner,
     assert max_pixel_difference(images[None], images["digits-fastest"]) > PIXEL_TOLERANCE
 
 
+def test_requests_admitted_together_step_as_one_cohort_and_each_still_matches_its_solo_call(runner, solo_pipe):
+    """Requests admitted in one tick share one scheduler step and one guidance combination (a cohort), with
+    their own guidance scales; one that leaves mid-way leaves its cohort-mates' results unchanged."""
+    busy = runner.submit("a handwritten 0", seed=30)
+    wait_for_step(busy, 2)  # the next four arrive within one forward of it, so they are admitted together
+    specs = [("a handwritten 1", 31, 2.0), ("the digit 5", 32, 4.0), ("a handwritten 7", 33, 7.5)]
+    handles = [runner.submit(prompt, seed=seed, guidance_scale=scale) for prompt, seed, scale in specs]
+    leaving = runner.submit("a handwritten 9", seed=34)
+    wait_for_step(leaving, 3)
+    assert leaving.cancel() is True
+    for (prompt, seed, scale), handle in zip(specs, handles):
+        expected = solo(solo_pipe, prompt, seed, guidance=scale)
+        assert max_pixel_difference(handle.result(timeout=120), expected) <= PIXEL_TOLERANCE, prompt
+    assert max_pixel_difference(busy.result(timeout=120), solo(solo_pipe, "a handwritten 0", 30)) <= PIXEL_TOLERANCE
+    assert live_keys(runner) == set()
+
+
+def test_a_stochastic_scheduler_draws_each_cohort_row_from_its_own_requests_generator():
+    """SDE-DPM-Solver++ draws noise at every step: a cohort's one step draws each row from its request's own
+    generator, so each request still equals its solo call."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    def sde_pipe():
+        pipe = zoo.load_pipeline("digits")
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                                 algorithm_type="sde-dpmsolver++")
+        return pipe
+
+    reference = sde_pipe()
+    with Runner(sde_pipe(), max_batch=8) as sde_runner:
+        busy = sde_runner.submit("a handwritten 0", seed=40, num_inference_steps=10)
+        wait_for_step(busy, 1)
+        handles = {d: sde_runner.submit(f"a handwritten {d}", seed=d, num_inference_steps=10) for d in (1, 2, 3)}
+        images = {d: h.result(timeout=120) for d, h in handles.items()}
+    for d, image in images.items():
+        assert max_pixel_difference(image, solo(reference, f"a handwritten {d}", d, steps=10)) <= PIXEL_TOLERANCE
+
+
 # ----------------------------------------------------------------------------- isolation: cancel and failure
 def test_cancel_frees_the_request_at_once_and_leaves_the_others_unchanged(runner, solo_pipe):
     keep = runner.submit("a handwritten 2", seed=4, schedule="digits-fast")
