@@ -1,6 +1,6 @@
 """The streaming batch runner against one-at-a-time serving and the static-batch limit, on the digits model.
 
-Prints ratios measured in one run, never asserts them. Requests arrive on a bursty trace (Gamma inter-arrival times,
+Prints ratios measured in one run (throughput in paired rounds), never asserts them. Requests arrive on a bursty trace (Gamma inter-arrival times,
 shape 0.5: coefficient of variation 1.4, as production serving traces show), 20 DPM-Solver steps, CFG 4:
 
 - throughput of the runner against (a) the stock pipeline serving one request at a time and (b) the limit: the
@@ -114,20 +114,29 @@ def stream_fps(runner: Runner, frames: list, repeats: int, **options) -> tuple[f
         return total / (time.perf_counter() - started), stream
 
 
+_CHILD_PIPE = None  # the child process's pipeline, loaded by `references`, reused by every `static_limits` round
+
+
 def references(prompts: list[str], seeds: list[int], per_call: int) -> tuple:
-    """In a child process: one-at-a-time and static-batch rates, uncached and under `digits-fast`, and the solo
-    images (as uint8 arrays) every runner output is checked against."""
+    """In a child process: the one-at-a-time rate, and the solo images (as uint8 arrays, uncached and under
+    `digits-fast`) every runner output is checked against."""
+    global _CHILD_PIPE
     torch.set_num_threads(2)
-    pipe = load_pipeline("digits")
+    _CHILD_PIPE = pipe = load_pipeline("digits")
     pipe.set_progress_bar_config(disable=True)
     static_batches(pipe, prompts[:per_call], seeds[:per_call], per_call)  # warm-up
     solo_rate, solo_images = one_at_a_time(pipe, prompts, seeds)
-    limit_rate, _ = static_batches(pipe, prompts, seeds, per_call)
-    limit_fast_rate, _ = static_batches(pipe, prompts, seeds, per_call, plan="digits-fast")
     fast_solo = PipelineCall(prompts, num_inference_steps=STEPS, seeds=seeds, output_type="pil")
     fast_solo_images = [img for chunk in fast_solo.chunks(1) for img in chunk(pipe, plan="digits-fast")]
     as_arrays = lambda images: [np.asarray(image) for image in images]  # noqa: E731
-    return solo_rate, as_arrays(solo_images), limit_rate, limit_fast_rate, as_arrays(fast_solo_images)
+    return solo_rate, as_arrays(solo_images), as_arrays(fast_solo_images)
+
+
+def static_limits(prompts: list[str], seeds: list[int], per_call: int) -> tuple[float, float]:
+    """In the child process, once per round: the static-batch limit, uncached and under `digits-fast`."""
+    limit_rate, _ = static_batches(_CHILD_PIPE, prompts, seeds, per_call)
+    limit_fast_rate, _ = static_batches(_CHILD_PIPE, prompts, seeds, per_call, plan="digits-fast")
+    return limit_rate, limit_fast_rate
 
 
 def max_difference(images: list, reference: list) -> int:
@@ -142,6 +151,8 @@ def main() -> None:
     parser.add_argument("--shape", type=float, default=0.5, help="Gamma shape of inter-arrival gaps (default 0.5)")
     parser.add_argument("--align-steps", type=float, default=20.0,
                         help="the runner's step-aligned admission (Runner(align_steps=...); 0: off)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="paired rounds of static limit and runner for the throughput ratios (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -152,34 +163,53 @@ def main() -> None:
     # The references run in a child process, the runner in this one with its model loaded on its own loop thread
     # and no torch work on the main thread, as under `cachekit serve`: two threads that both ran torch keep two
     # OpenMP teams that fight over the cores (section 12 of docs/benchmarks.md), which would charge the runner
-    # for the benchmark's own structure.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        solo_rate, solo_images, limit_rate, limit_fast_rate, fast_solo_images = child.submit(
-            references, prompts, seeds, per_call).result()
+    # for the benchmark's own structure. Throughput is measured in paired rounds (the static limit, then the
+    # runner on the same prompts), and each ratio is the median of its per-round ratios: the machine's speed drifts
+    # over the minutes a run takes, and a ratio of figures taken minutes apart measures the drift.
+    child = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    solo_rate, solo_images, fast_solo_images = child.submit(references, prompts, seeds, per_call).result()
 
     results: dict = {"num": args.num, "max_batch_rows": args.max_batch, "steps": STEPS, "gamma_shape": args.shape,
-                     "align_steps": args.align_steps, "references": "measured in a child process"}
+                     "align_steps": args.align_steps, "rounds": args.rounds,
+                     "references": "measured in a child process"}
     runner = Runner("digits", max_batch=args.max_batch, max_queue=args.num, align_steps=args.align_steps)
     try:
         serve_trace(runner, prompts[:per_call], seeds[:per_call], np.zeros(per_call), label="warm-up")
-        saturating = gamma_arrivals(args.num, 1.5 * limit_rate, args.shape, args.seed)
-        uncached = serve_trace(runner, prompts, seeds, saturating, label="uncached, saturated")
-        fast = serve_trace(runner, prompts, seeds, saturating, plan="digits-fast", label="digits-fast, saturated")
+        rounds = []
+        for round_index in range(args.rounds):
+            limit_rate, limit_fast_rate = child.submit(static_limits, prompts, seeds, per_call).result()
+            saturating = gamma_arrivals(args.num, 1.5 * limit_rate, args.shape, args.seed)
+            uncached = serve_trace(runner, prompts, seeds, saturating, label=f"uncached, saturated ({round_index})")
+            fast = serve_trace(runner, prompts, seeds, saturating, plan="digits-fast",
+                               label=f"digits-fast, saturated ({round_index})")
+            rounds.append({"static_limit_images_per_s": limit_rate, "static_digits_fast_images_per_s": limit_fast_rate,
+                           "runner_images_per_s": uncached["images_per_s"],
+                           "runner_digits_fast_images_per_s": fast["images_per_s"],
+                           "runner_over_limit": uncached["images_per_s"] / limit_rate,
+                           "kept_share_of_speedup": (fast["images_per_s"] / uncached["images_per_s"])
+                           / (limit_fast_rate / limit_rate),
+                           "max_pixel_difference_vs_solo": max_difference(uncached["images"], solo_images),
+                           "digits_fast_max_pixel_difference_vs_solo": max_difference(fast["images"],
+                                                                                      fast_solo_images)})
+        median = lambda key: float(np.median([r[key] for r in rounds]))  # noqa: E731
+        limit_rate = median("static_limit_images_per_s")
+        results["rounds_measured"] = rounds
         results["throughput"] = {
             "one_at_a_time_images_per_s": solo_rate, "static_limit_images_per_s": limit_rate,
-            "runner_images_per_s": uncached["images_per_s"],
-            "runner_over_limit": uncached["images_per_s"] / limit_rate,
-            "runner_over_one_at_a_time": uncached["images_per_s"] / solo_rate,
-            "max_pixel_difference_vs_solo": max_difference(uncached["images"], solo_images),
+            "runner_images_per_s": median("runner_images_per_s"),
+            "runner_over_limit": median("runner_over_limit"),
+            "runner_over_one_at_a_time": median("runner_images_per_s") / solo_rate,
+            "max_pixel_difference_vs_solo": max(r["max_pixel_difference_vs_solo"] for r in rounds),
         }
-        static_speedup = limit_fast_rate / limit_rate
-        runner_speedup = fast["images_per_s"] / uncached["images_per_s"]
         results["caching"] = {
-            "static_digits_fast_images_per_s": limit_fast_rate, "static_speedup": static_speedup,
-            "runner_digits_fast_images_per_s": fast["images_per_s"], "runner_speedup": runner_speedup,
-            "kept_share_of_speedup": runner_speedup / static_speedup,
-            "max_pixel_difference_vs_solo": max_difference(fast["images"], fast_solo_images),
+            "static_digits_fast_images_per_s": median("static_digits_fast_images_per_s"),
+            "static_speedup": median("static_digits_fast_images_per_s") / limit_rate,
+            "runner_digits_fast_images_per_s": median("runner_digits_fast_images_per_s"),
+            "runner_speedup": median("runner_digits_fast_images_per_s") / median("runner_images_per_s"),
+            "kept_share_of_speedup": median("kept_share_of_speedup"),
+            "max_pixel_difference_vs_solo": max(r["digits_fast_max_pixel_difference_vs_solo"] for r in rounds),
         }
+        child.shutdown()
         results["load"] = {}
         for load in (0.5, 0.8, 1.0):
             trace = gamma_arrivals(args.num, load * limit_rate, args.shape, args.seed + 1)
@@ -212,11 +242,17 @@ def main() -> None:
                                                                                     "prompt_cache")}
     finally:
         runner.close()
+        child.shutdown()
 
     t, c = results["throughput"], results["caching"]
+    for i, r in enumerate(rounds):
+        print(f"round {i}: static limit {r['static_limit_images_per_s']:.2f} img/s, runner "
+              f"{r['runner_images_per_s']:.2f} -> {r['runner_over_limit']:.2f}; digits-fast kept "
+              f"{r['kept_share_of_speedup']:.2f}")
     print(f"throughput: runner {t['runner_images_per_s']:.2f} img/s, one at a time {solo_rate:.2f}, static limit "
           f"{limit_rate:.2f} -> {t['runner_over_limit']:.2f} of the limit (goal >= 0.9), "
-          f"{t['runner_over_one_at_a_time']:.2f}x one at a time; max pixel difference vs solo "
+          f"{t['runner_over_one_at_a_time']:.2f}x one at a time (medians over {len(rounds)} paired rounds); "
+          f"max pixel difference vs solo "
           f"{t['max_pixel_difference_vs_solo']}")
     print(f"caching: digits-fast speedup static {c['static_speedup']:.2f}x, runner {c['runner_speedup']:.2f}x -> "
           f"{c['kept_share_of_speedup']:.2f} kept (goal >= 0.9); max pixel difference vs solo "
