@@ -40,7 +40,7 @@ class Cohort:
             self.extra_step_kwargs["generator"] = [m.generator for m in self.members]
         self._step = 0
         self._alive = [True] * len(self.members)
-        self._row_of = {id(m): i for i, m in enumerate(self.members)}
+        self._row_of = {m: i for i, m in enumerate(self.members)}
         self._share_rows()
 
     @property
@@ -59,7 +59,7 @@ class Cohort:
 
     def leave(self, request: ActiveRequest) -> None:
         """The member is gone (cancelled, failed, or finished alone): it takes no more rows of any forward."""
-        self._alive[self._row_of[id(request)]] = False
+        self._alive[self._row_of[request]] = False
 
     @property
     def live(self) -> list[ActiveRequest]:
@@ -67,7 +67,8 @@ class Cohort:
 
     def model_input(self, family: Any, members: Sequence[ActiveRequest]) -> torch.Tensor:
         """The transformer's input rows of these live members, in order, each repeated for its rows."""
-        latents = self._rows(members, self.latents)
+        latents = self.latents if len(members) == len(self.members) else \
+            self.latents.index_select(0, self._index(members))
         if self.num_rows > 1:
             latents = latents.repeat_interleave(self.num_rows, dim=0)
         return family.model_input(self.scheduler, latents, self.timestep)
@@ -102,9 +103,4 @@ class Cohort:
             member.latents = row
 
     def _index(self, members: Sequence[ActiveRequest]) -> torch.Tensor:
-        return torch.tensor([self._row_of[id(m)] for m in members], device=self.latents.device)
-
-    def _rows(self, members: Sequence[ActiveRequest], tensor: torch.Tensor) -> torch.Tensor:
-        if len(members) == len(self.members):
-            return tensor
-        return tensor.index_select(0, self._index(members))
+        return torch.tensor([self._row_of[m] for m in members], device=self.latents.device)

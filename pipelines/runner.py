@@ -794,9 +794,9 @@ class Runner:
 
     def _forward(self, batch: list[ActiveRequest]) -> list[tuple[Cohort, list[ActiveRequest], torch.Tensor]]:
         """One transformer forward over every row of `batch`: per cohort, its members here and their rows."""
-        present = {id(r) for r in batch}
-        cohorts = list({id(r.cohort): r.cohort for r in batch}.values())
-        segments = [(cohort, [m for m in cohort.live if id(m) in present]) for cohort in cohorts]
+        present = set(batch)
+        segments = [(cohort, [m for m in cohort.live if m in present])
+                    for cohort in dict.fromkeys(r.cohort for r in batch)]
         inputs, timesteps, texts, steps, keys, counts, plans = [], [], [], [], [], [], []
         for cohort, members in segments:
             inputs.append(cohort.model_input(self.family, members))
@@ -827,7 +827,7 @@ class Runner:
         The failed forward may have stored some blocks' outputs for this step; the solo forwards run the same step
         and store them again, so nothing of the failed attempt survives into a result.
         """
-        survivors: dict[int, list[tuple[ActiveRequest, torch.Tensor]]] = collections.defaultdict(list)
+        survivors: dict[Cohort, dict[ActiveRequest, torch.Tensor]] = collections.defaultdict(dict)
         for request in batch:
             try:
                 [(_, _, rows)] = self._forward([request])
@@ -835,14 +835,11 @@ class Runner:
                 logger.exception("request %s failed in its transformer forward", request.handle.id)
                 self._drop(request, err)
                 continue
-            survivors[id(request.cohort)].append((request, rows))
+            survivors[request.cohort][request] = rows
         out = []
-        for pairs in survivors.values():
-            cohort = pairs[0][0].cohort
-            alive = {id(r) for r, _ in pairs}
-            order = [m for m in cohort.live if id(m) in alive]
-            rows_of = {id(r): rows for r, rows in pairs}
-            out.append((cohort, order, torch.cat([rows_of[id(m)] for m in order])))
+        for cohort, rows_of in survivors.items():
+            order = [m for m in cohort.live if m in rows_of]
+            out.append((cohort, order, torch.cat([rows_of[m] for m in order])))
         return out
 
     def _learn_rates(self, batch: list[ActiveRequest], elapsed: float) -> None:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 import cachekit
-from cachekit.compat import execution_device
 from cachekit.errors import UsageError
 
 from .stream_filters import SimilarityFilter, SimilarityFilterConfig, residual_cfg
@@ -76,7 +75,7 @@ class ImageStream:
         self._sqrt_alpha = alphas.sqrt()
         self._sqrt_one_minus = (1 - alphas).sqrt()
         self.settings = runner.family.settings(pipe, {})
-        device = execution_device(pipe)
+        self._device = device = runner.device
         shape = runner.family.initial_latents(pipe, [torch.Generator("cpu").manual_seed(seed)], self.settings,
                                               device).shape
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -102,7 +101,8 @@ class ImageStream:
         """Offer an input frame (PIL image or uint8 array); a frame not yet taken is replaced (latest wins)."""
         if self.closed:
             raise StreamClosed(f"stream {self.id} is closed")
-        pixels = _to_tensor(image, self.pipe, (self.settings["height"], self.settings["width"]))
+        pixels = _to_tensor(image, (self.settings["height"], self.settings["width"]), self._device,
+                            self.pipe.vae.dtype)
         with self._lock:
             try:
                 self._inbox.get_nowait()
@@ -261,8 +261,8 @@ class ImageStream:
         self._put_output(None)
 
 
-def _to_tensor(image: Any, pipe: Any, size: tuple[int, int]) -> torch.Tensor:
-    """A frame as float pixels in [0, 1], channels first, on the pipeline's device."""
+def _to_tensor(image: Any, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A frame as float pixels in [0, 1], channels first, on the pipeline's device in the VAE's dtype."""
     array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise UsageError(f"a stream frame must be an RGB image (uint8 HxWx3), got {array.dtype} {array.shape}")
@@ -270,4 +270,4 @@ def _to_tensor(image: Any, pipe: Any, size: tuple[int, int]) -> torch.Tensor:
         raise UsageError(f"a stream frame must be {size[0]}x{size[1]} for this model, got "
                          f"{array.shape[0]}x{array.shape[1]}")
     tensor = torch.from_numpy(array.astype(np.float32) / 255.0).permute(2, 0, 1)
-    return tensor.to(execution_device(pipe), pipe.vae.dtype)
+    return tensor.to(device, dtype)

@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import torch
 
 import cachekit
-from cachekit.compat import WanStreamingDecoder, execution_device
+from cachekit.compat import WanStreamingDecoder
 from cachekit.errors import UsageError
 
 from .streams import StreamClosed
@@ -119,7 +119,7 @@ class VideoStream:
         self._tokens_per_frame = family.tokens_per_frame(pipe, self.settings)
         self._temporal = pipe.vae_scale_factor_temporal
         self._latent_total = None if num_frames is None else latent_frames_for(num_frames, self._temporal)
-        self._device = execution_device(pipe)
+        self._device = runner.device
         self._generator = torch.Generator("cpu").manual_seed(seed)
         first = family.initial_latents(pipe, [self._generator], {**self.settings,
                                                                 "num_frames": 1 + self._temporal * (window - 1)}, self._device)
